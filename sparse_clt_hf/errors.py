@@ -1,0 +1,23 @@
+"""Exceptions raised by sparse-clt-hf. Each one says what was wrong and what was expected."""
+
+from __future__ import annotations
+
+
+class SparseCLTError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class TranscoderFormatError(SparseCLTError, ValueError):
+    """A transcoder's files are missing, corrupt, or hold tensors of the wrong name, shape or dtype."""
+
+
+class IncompatibleTranscoderError(SparseCLTError, ValueError):
+    """A transcoder does not fit the model it is attached to (width, depth, layers)."""
+
+
+class HookSiteError(SparseCLTError, ValueError):
+    """A hook site does not exist for this architecture."""
+
+
+class AlignmentError(SparseCLTError, RuntimeError):
+    """Features cannot be aligned with the tokens of this call (e.g. beam search)."""

@@ -1,0 +1,203 @@
+"""The feature container: top-k transcoder features per (batch row, token position, layer).
+
+Position ``t`` is the input token at index ``t`` of the sequence the model saw (for ``generate()``:
+index ``t`` of ``sequences``, left padding included), so after ``generate`` ``T = sequences.shape[1] - 1``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class FeatureHit(NamedTuple):
+    """One active feature: where it fired and how strongly."""
+
+    batch: int
+    position: int
+    layer: int
+    feature: int
+    activation: float
+
+
+@dataclass
+class Features:
+    """Top-k features. ``indices`` [B, T, L, k] int32 (-1 in empty slots), ``values`` [B, T, L, k]
+    (0 in empty slots, sorted descending), ``l0`` [B, T, L] (active features before truncation),
+    ``mask`` [B, T] (False on padding), ``layers`` (the L axis), ``token_ids`` [B, T] when known,
+    ``n_features`` (width of each layer, for :meth:`to_dense`)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    l0: torch.Tensor
+    mask: torch.Tensor
+    layers: list[int]
+    token_ids: torch.Tensor | None = None
+    n_features: list[int] | None = None
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def num_positions(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[3]
+
+    def __len__(self) -> int:
+        return self.num_positions
+
+    def __repr__(self) -> str:
+        b, t, n_layers, k = self.indices.shape
+        return f"Features(batch={b}, positions={t}, layers={self.layers if n_layers <= 8 else n_layers}, k={k})"
+
+    def _layer_pos(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise KeyError(f"layer {layer} was not recorded; recorded layers: {self.layers}") from None
+
+    # ------------------------------------------------------------------ views
+    def layer(self, layer: int) -> dict[str, Any]:
+        """One layer in the original sparse-clt dict form: ``layer``, ``activations`` [B, T, k],
+        ``indices`` [B, T, k], ``sparsity`` [B, T] (active features before truncation)."""
+        i = self._layer_pos(layer)
+        return {
+            "layer": layer,
+            "activations": self.values[:, :, i],
+            "indices": self.indices[:, :, i],
+            "sparsity": self.l0[:, :, i],
+        }
+
+    def positions(self, start: int, stop: int | None = None) -> Features:
+        """Features of positions ``start:stop`` only."""
+        sl = slice(start, stop)
+        return Features(
+            self.indices[:, sl],
+            self.values[:, sl],
+            self.l0[:, sl],
+            self.mask[:, sl],
+            list(self.layers),
+            None if self.token_ids is None else self.token_ids[:, sl],
+            self.n_features,
+        )
+
+    def top(self, n: int = 10, *, layer: int | None = None) -> list[FeatureHit]:
+        """The ``n`` strongest activations across batch rows, positions and layers (padding excluded)."""
+        values = self.values.float()
+        if layer is not None:
+            keep = torch.zeros(len(self.layers), dtype=torch.bool)
+            keep[self._layer_pos(layer)] = True
+            values = values.masked_fill(~keep.view(1, 1, -1, 1).to(values.device), float("-inf"))
+        valid = (self.indices >= 0) & self.mask[:, :, None, None].to(self.indices.device)
+        flat = values.masked_fill(~valid, float("-inf")).flatten()
+        n = min(n, int(valid.sum()))
+        if n <= 0:
+            return []
+        vals, idx = flat.topk(n)
+        b, t, n_layers, k = self.values.shape
+        hits = []
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            bi, rest = divmod(i, t * n_layers * k)
+            ti, rest = divmod(rest, n_layers * k)
+            li, ki = divmod(rest, k)
+            hits.append(FeatureHit(bi, ti, self.layers[li], int(self.indices[bi, ti, li, ki]), v))
+        return hits
+
+    def to_dense(self, layer: int, n_features: int | None = None) -> torch.Tensor:
+        """Dense activations [B, T, m] of one layer (zeros where a feature was not in the top-k)."""
+        i = self._layer_pos(layer)
+        m = n_features or (self.n_features[i] if self.n_features else None)
+        if m is None:
+            raise ValueError("to_dense needs n_features (the layer width) for features loaded without it")
+        idx = self.indices[:, :, i].long()
+        vals = self.values[:, :, i]
+        dense = torch.zeros(*idx.shape[:2], m + 1, dtype=vals.dtype, device=vals.device)
+        dense.scatter_(-1, torch.where(idx < 0, m, idx), vals)
+        return dense[..., :m]
+
+    def to_records(self, *, include_padding: bool = False) -> list[dict[str, Any]]:
+        """One dict per active feature (batch, position, layer, feature, activation, token_id, rank),
+        ready for ``pandas.DataFrame(features.to_records())``."""
+        valid = self.indices >= 0
+        if not include_padding:
+            valid &= self.mask[:, :, None, None].to(valid.device)
+        nz = valid.nonzero().tolist()
+        vals = self.values[valid].float().tolist()
+        feats = self.indices[valid].tolist()
+        records = []
+        for (b, t, li, rank), v, f in zip(nz, vals, feats):
+            rec = {"batch": b, "position": t, "layer": self.layers[li], "feature": f, "activation": v, "rank": rank}
+            if self.token_ids is not None:
+                rec["token_id"] = int(self.token_ids[b, t])
+            records.append(rec)
+        return records
+
+    # ------------------------------------------------------------------ combine
+    @staticmethod
+    def concat(parts: Sequence[Features]) -> Features:
+        """Stack several calls along the batch axis, right-padding positions (mask False there)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len(parts) == 1:
+            return parts[0]
+        layers = parts[0].layers
+        if any(p.layers != layers for p in parts):
+            raise ValueError("cannot concatenate features recorded on different layers")
+        t = max(p.num_positions for p in parts)
+
+        def pad(x: torch.Tensor, fill: Any) -> torch.Tensor:
+            if x.shape[1] == t:
+                return x
+            shape = (x.shape[0], t - x.shape[1], *x.shape[2:])
+            return torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim=1)
+
+        have_tokens = all(p.token_ids is not None for p in parts)
+        return Features(
+            torch.cat([pad(p.indices, -1) for p in parts]),
+            torch.cat([pad(p.values, 0) for p in parts]),
+            torch.cat([pad(p.l0, 0) for p in parts]),
+            torch.cat([pad(p.mask, False) for p in parts]),
+            list(layers),
+            torch.cat([pad(p.token_ids, -1) for p in parts]) if have_tokens else None,
+            parts[0].n_features,
+        )
+
+    # ------------------------------------------------------------------ IO
+    def save(self, path: str | Path) -> None:
+        """Write to one safetensors file (metadata: layers, widths)."""
+        tensors = {"indices": self.indices, "values": self.values, "l0": self.l0, "mask": self.mask}
+        if self.token_ids is not None:
+            tensors["token_ids"] = self.token_ids
+        meta = {"layers": json.dumps(self.layers), "n_features": json.dumps(self.n_features), "format": "sparse-clt-hf"}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Features:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "layers" not in meta:
+            raise ValueError(f"{path} is not a features file written by Features.save (no 'layers' metadata)")
+        t = load_file(str(path))
+        return cls(
+            t["indices"],
+            t["values"],
+            t["l0"],
+            t["mask"],
+            json.loads(meta["layers"]),
+            t.get("token_ids"),
+            json.loads(meta.get("n_features", "null")),
+        )

@@ -1,0 +1,62 @@
+"""On-disk transcoder formats: detection and loading, one module per format.
+
+Every format module exposes ``NAME``, ``DESCRIPTION``, ``detect(source) -> bool`` and
+``load(source, layers, decoders) -> CrossLayerTranscoder``. A *source* (see :mod:`sparse_clt_hf.hub`)
+lists files and fetches single files on demand, so a loader downloads only what it reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from ..errors import TranscoderFormatError
+
+if TYPE_CHECKING:
+    from ..hub import FileSource
+    from ..transcoder import CrossLayerTranscoder
+
+# Detection order matters: the first format whose detect() accepts the files wins.
+FORMAT_MODULES: dict[str, str] = {
+    "circuit_tracer": "sparse_clt_hf.formats.circuit_tracer",
+}
+
+
+def format_module(name: str) -> ModuleType:
+    """The module implementing format ``name``."""
+    try:
+        return importlib.import_module(FORMAT_MODULES[name])
+    except KeyError:
+        raise TranscoderFormatError(
+            f"unknown format {name!r}; known formats: {', '.join(FORMAT_MODULES)}"
+        ) from None
+
+
+def detect_format(source: FileSource) -> str:
+    """Name of the format of ``source``, decided from its file names and config files."""
+    for name in FORMAT_MODULES:
+        if format_module(name).detect(source):
+            return name
+    files = source.list_files()
+    shown = ", ".join(files[:20]) + (" ..." if len(files) > 20 else "")
+    raise TranscoderFormatError(
+        f"could not recognise the transcoder format of {source.name}: found files [{shown}]; "
+        f"known formats: {', '.join(FORMAT_MODULES)} (pass format=... to choose one)"
+    )
+
+
+def load_transcoder(
+    source: FileSource,
+    *,
+    layers: Iterable[int] | None = None,
+    format: str | None = None,
+    decoders: bool = False,
+) -> CrossLayerTranscoder:
+    """Load the encoders of ``layers`` (all when None) from ``source``; decoders only when asked."""
+    name = format or detect_format(source)
+    layer_list = None if layers is None else sorted({int(x) for x in layers})
+    tc = format_module(name).load(source, layer_list, decoders)
+    tc.config.source_format = name
+    return tc

@@ -1,0 +1,277 @@
+"""circuit-tracer layouts, also our native format.
+
+CLT: ``config.yaml`` (``model_kind: cross_layer_transcoder``) + ``W_enc_{i}.safetensors`` holding
+``W_enc_{i}`` [m, d], ``b_enc_{i}`` [m], ``b_dec_{i}`` [d], optional ``threshold_{i}`` [m], and
+``W_dec_{i}.safetensors`` holding ``W_dec_{i}`` [m, n_layers - i, d].
+
+PLT: ``config.yaml`` (``model_kind: transcoder_set``) + ``layer_{i}.safetensors`` holding ``W_enc``
+[m, d], ``b_enc``, ``W_dec`` [m, d], ``b_dec``, optional ``W_skip`` [d, d] and
+``activation_function.threshold`` [m]; or a ``transcoders:`` list of per-layer file URIs.
+
+Our own extra keys in ``config.yaml`` (ignored by circuit-tracer): ``format_version``, ``hook_site``,
+``input_transform``, ``input_norm_eps``, ``d_model``, ``n_layers``, ``span``, ``metrics``, and the
+optional input tensors ``norm_weight``/``norm_bias``/``pre_bias`` (suffixed ``_{i}`` in CLT files).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ..errors import TranscoderFormatError
+from ..sites import SITES_TO_TRANSFORMERLENS, site_from_transformerlens
+from ..transcoder import FORMAT_VERSION, CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from ._util import SafetensorsReader, dtype_name
+
+if TYPE_CHECKING:
+    from ..hub import FileSource
+
+NAME = "circuit_tracer"
+DESCRIPTION = "circuit-tracer CLT (W_enc_{i}.safetensors) or PLT set (layer_{i}.safetensors); native format"
+
+CLT_KIND = "cross_layer_transcoder"
+PLT_KIND = "transcoder_set"
+_CLT_FILE = re.compile(r"^W_enc_(\d+)\.safetensors$")
+_PLT_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+
+
+def read_config(source: FileSource) -> dict[str, Any] | None:
+    if not source.exists("config.yaml"):
+        return None
+    try:
+        data = yaml.safe_load(source.fetch("config.yaml").read_text())
+    except yaml.YAMLError as exc:
+        raise TranscoderFormatError(f"{source.name}/config.yaml is not valid YAML: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+def detect(source: FileSource) -> bool:
+    cfg = read_config(source)
+    return bool(cfg) and cfg.get("model_kind") in (CLT_KIND, PLT_KIND)
+
+
+def _site(cfg: dict[str, Any]) -> tuple[str, str]:
+    """Our site and input transform from the config (our keys first, then circuit-tracer's hook)."""
+    if cfg.get("hook_site"):
+        return cfg["hook_site"], cfg.get("input_transform", "none")
+    hook = cfg.get("feature_input_hook")
+    if not hook:
+        return "resid_mid", cfg.get("input_transform", "none")
+    site, transform = site_from_transformerlens(hook)
+    return site, cfg.get("input_transform", transform)
+
+
+def _base_config(cfg: dict[str, Any], d_model: int, layers: list[int], widths: list[int], dtype) -> TranscoderConfig:
+    site, transform = _site(cfg)
+    out_hook = cfg.get("feature_output_hook")
+    output_site = cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else "mlp_out")
+    return TranscoderConfig(
+        d_model=d_model,
+        layers=layers,
+        n_features=widths,
+        activation=cfg.get("activation") or "relu",
+        k=cfg.get("k"),
+        input_site=site,
+        output_site=output_site,
+        input_transform=transform,
+        input_norm_eps=float(cfg.get("input_norm_eps", 1e-5 if transform != "rmsnorm" else 1e-6)),
+        model_name=cfg.get("model_name"),
+        dtype=dtype_name(dtype),
+        metrics=dict(cfg.get("metrics") or {}),
+    )
+
+
+def _check_layers(source: FileSource, available: list[int], wanted: list[int] | None) -> list[int]:
+    if not available:
+        raise TranscoderFormatError(f"{source.name}: config.yaml found but no per-layer weight files")
+    if wanted is None:
+        return available
+    missing = [x for x in wanted if x not in available]
+    if missing:
+        raise TranscoderFormatError(
+            f"{source.name}: no weights for layers {missing}; the transcoder has layers {available}"
+        )
+    return wanted
+
+
+def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossLayerTranscoder:
+    cfg = read_config(source)
+    if not cfg:
+        raise TranscoderFormatError(f"{source.name}: no circuit-tracer config.yaml")
+    if cfg.get("model_kind") == CLT_KIND:
+        return _load_clt(source, cfg, layers, decoders)
+    return _load_plt(source, cfg, layers, decoders)
+
+
+def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
+    files = source.list_files()
+    available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
+    n_layers = int(cfg.get("n_layers") or len(available))
+    chosen = _check_layers(source, available, layers)
+    encoders: dict[int, LayerEncoder] = {}
+    for i in chosen:
+        name = f"W_enc_{i}.safetensors"
+        r = SafetensorsReader(source.fetch(name), f"{source.name}/{name}")
+        W = r.get(f"W_enc_{i}", (None, None))
+        m, d = W.shape
+        enc = LayerEncoder(
+            W,
+            r.get(f"b_enc_{i}", (m,)),
+            threshold=r.get(f"threshold_{i}", (m,), required=False),
+            pre_bias=r.get(f"pre_bias_{i}", (d,), required=False),
+            norm_weight=r.get(f"norm_weight_{i}", (d,), required=False),
+            norm_bias=r.get(f"norm_bias_{i}", (d,), required=False),
+            input_scale=(cfg.get("input_scale") or {}).get(i),
+        )
+        b_dec = r.get(f"b_dec_{i}", (d,), required=False)
+        if decoders:
+            dname = f"W_dec_{i}.safetensors"
+            if not source.exists(dname):
+                raise TranscoderFormatError(f"{source.name}: decoders asked for but {dname} is missing")
+            dr = SafetensorsReader(source.fetch(dname), f"{source.name}/{dname}")
+            enc.set_decoder(dr.get(f"W_dec_{i}", (m, None, d)), b_dec)
+        elif b_dec is not None:
+            enc.set_decoder(None, b_dec)
+        encoders[i] = enc
+    first = encoders[chosen[0]].W_enc
+    tc_cfg = _base_config(cfg, first.shape[1], chosen, [encoders[i].n_features for i in chosen], first.dtype)
+    if tc_cfg.activation == "relu" and all(encoders[i].threshold is not None for i in chosen):
+        tc_cfg.activation = "jumprelu"
+    tc_cfg.n_layers = n_layers
+    tc_cfg.span = cfg.get("span")
+    return CrossLayerTranscoder(tc_cfg, encoders)
+
+
+def _plt_files(source: FileSource, cfg: dict[str, Any]) -> dict[int, tuple[FileSource, str]]:
+    """Layer -> (source, file) for a PLT, following a ``transcoders:`` list when present."""
+    listed = cfg.get("transcoders")
+    if listed:
+        out = {}
+        for i, uri in enumerate(listed):
+            out[i] = source.resolve_uri(str(uri))
+        return out
+    return {int(m.group(1)): (source, f) for f in source.list_files() if (m := _PLT_FILE.match(f))}
+
+
+def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
+    files = _plt_files(source, cfg)
+    chosen = _check_layers(source, sorted(files), layers)
+    encoders: dict[int, LayerEncoder] = {}
+    for i in chosen:
+        src, name = files[i]
+        if not name.endswith(".safetensors"):
+            # e.g. Gemma Scope params.npz referenced from a transcoders: list
+            from . import format_module
+
+            enc = format_module("gemma_scope").load_layer_file(src, name, decoders)
+            encoders[i] = enc
+            continue
+        r = SafetensorsReader(src.fetch(name), f"{src.name}/{name}")
+        W = r.get("W_enc", (None, None))
+        m, d = W.shape
+        enc = LayerEncoder(
+            W,
+            r.get("b_enc", (m,)),
+            threshold=r.get("activation_function.threshold", (m,), required=False),
+            pre_bias=r.get("pre_bias", (d,), required=False),
+            norm_weight=r.get("norm_weight", (d,), required=False),
+            norm_bias=r.get("norm_bias", (d,), required=False),
+            input_scale=(cfg.get("input_scale") or {}).get(i),
+        )
+        if decoders:
+            enc.set_decoder(r.get("W_dec", (m, d)), r.get("b_dec", (d,)), r.get("W_skip", (d, d), required=False))
+        encoders[i] = enc
+    first = encoders[chosen[0]].W_enc
+    tc_cfg = _base_config(cfg, first.shape[1], chosen, [encoders[i].n_features for i in chosen], first.dtype)
+    if tc_cfg.activation == "relu" and all(encoders[i].threshold is not None for i in chosen):
+        tc_cfg.activation = "jumprelu"
+    tc_cfg.span = 1
+    tc_cfg.n_layers = cfg.get("n_layers")
+    return CrossLayerTranscoder(tc_cfg, encoders)
+
+
+# ---------------------------------------------------------------------- writing
+def config_yaml(tc: CrossLayerTranscoder) -> dict[str, Any]:
+    """The config.yaml we write: circuit-tracer's keys plus ours."""
+    c = tc.config
+    out_hook = SITES_TO_TRANSFORMERLENS.get(c.output_site, c.output_site)
+    in_hook = SITES_TO_TRANSFORMERLENS.get(c.input_site, c.input_site)
+    if c.input_site == "resid_mid" and c.input_transform == "rmsnorm":
+        in_hook = "ln2.hook_normalized"
+    data: dict[str, Any] = {
+        "model_name": c.model_name,
+        "model_kind": PLT_KIND if c.is_plt else CLT_KIND,
+        "feature_input_hook": in_hook,
+        "feature_output_hook": out_hook,
+        "activation": c.activation,
+        "k": c.k,
+        "format_version": FORMAT_VERSION,
+        "hook_site": c.input_site,
+        "output_site": c.output_site,
+        "input_transform": c.input_transform,
+        "input_norm_eps": c.input_norm_eps,
+        "d_model": c.d_model,
+        "n_layers": c.n_layers,
+        "span": c.span,
+        "layers": list(c.layers),
+        "n_features": list(c.n_features),
+        "dtype": c.dtype,
+        "library": "sparse-clt-hf",
+    }
+    scales = {i: tc.encoder(i).input_scale for i in c.layers if tc.encoder(i).input_scale is not None}
+    if scales:
+        data["input_scale"] = scales
+    if c.metrics:
+        data["metrics"] = _plain(c.metrics)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().cpu().contiguous()
+
+
+def save_native(tc: CrossLayerTranscoder, directory: Path) -> Path:
+    """Write ``tc`` in the circuit-tracer layout (PLT set when span == 1, else CLT)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config_yaml(tc), sort_keys=False))
+    for i in tc.layers:
+        enc = tc.encoder(i)
+        optional = {"norm_weight": enc.norm_weight, "norm_bias": enc.norm_bias, "pre_bias": enc.pre_bias}
+        if tc.config.is_plt:
+            tensors = {"W_enc": enc.W_enc, "b_enc": enc.b_enc}
+            if enc.threshold is not None:
+                tensors["activation_function.threshold"] = enc.threshold
+            if enc.W_dec is not None:
+                tensors["W_dec"] = enc.W_dec[:, 0, :]
+            if enc.b_dec is not None:
+                tensors["b_dec"] = enc.b_dec
+            if enc.W_skip is not None:
+                tensors["W_skip"] = enc.W_skip
+            tensors.update({k: v for k, v in optional.items() if v is not None})
+            save_file({k: _t(v) for k, v in tensors.items()}, str(directory / f"layer_{i}.safetensors"))
+            continue
+        tensors = {f"W_enc_{i}": enc.W_enc, f"b_enc_{i}": enc.b_enc}
+        if enc.b_dec is not None:
+            tensors[f"b_dec_{i}"] = enc.b_dec
+        if enc.threshold is not None:
+            tensors[f"threshold_{i}"] = enc.threshold
+        tensors.update({f"{k}_{i}": v for k, v in optional.items() if v is not None})
+        save_file({k: _t(v) for k, v in tensors.items()}, str(directory / f"W_enc_{i}.safetensors"))
+        if enc.W_dec is not None:
+            save_file({f"W_dec_{i}": _t(enc.W_dec)}, str(directory / f"W_dec_{i}.safetensors"))
+    return directory
