@@ -382,19 +382,18 @@ class CLTAttachment:
         past = _past_length(kwargs)
 
         rec = self._current
+        recorded = self._recorded(rec)
         skip = 0
         if rec is not None and rec.batch == batch and past > 0:
             start = past
-        elif rec is not None and rec.batch == batch and past == 0 and self._in_call and length > rec.length > 0:
-            start, skip = 0, rec.length  # use_cache=False: the prefix is recomputed, record only the new part
+        elif rec is not None and rec.batch == batch and past == 0 and self._in_call and length > recorded > 0:
+            start, skip = 0, recorded  # use_cache=False: the prefix is recomputed, record only the new part
         else:
             if self._current is not None:
                 self.flush()
                 self._commit_current()
             rec = self._current = _Record(batch, list(self.layers))
-            start = past
-        self.flush_if_other(rec)
-        recorded = rec.length + (self._buffer_slots if self._buffer_record is rec else 0)
+            start, recorded = past, 0
         if skip == 0 and start < recorded:
             self.flush()
             rec.truncate(start, self.top_k, self.widths)  # rejected draft tokens of assisted decoding
@@ -487,9 +486,11 @@ class CLTAttachment:
             buf = self._buffers[layer] = torch.empty(shape, dtype=h.dtype, device=h.device)
         return buf
 
-    def flush_if_other(self, rec: _Record) -> None:
-        if self._buffer_slots and self._buffer_record is not rec:
-            self.flush()
+    def _recorded(self, rec: _Record | None) -> int:
+        """Positions of ``rec`` seen so far, encoded or still in the decode buffer."""
+        if rec is None:
+            return 0
+        return rec.length + (self._buffer_slots if self._buffer_record is rec else 0)
 
     @torch.no_grad()
     def flush(self) -> None:

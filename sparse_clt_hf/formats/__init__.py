@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 # Detection order matters: the first format whose detect() accepts the files wins.
 FORMAT_MODULES: dict[str, str] = {
     "circuit_tracer": "sparse_clt_hf.formats.circuit_tracer",
+    "gemma_scope2": "sparse_clt_hf.formats.gemma_scope2",
+    "gemma_scope": "sparse_clt_hf.formats.gemma_scope",
+    "vlm_clt": "sparse_clt_hf.formats.vlm_clt",
+    "saelens": "sparse_clt_hf.formats.saelens",
+    "sparsify": "sparse_clt_hf.formats.sparsify",
 }
 
 

@@ -1,0 +1,212 @@
+"""Gemma Scope 2 (Gemma 3) transcoders, per-layer (PLT) and cross-layer (CLT).
+
+PLT: one folder per layer and variant, e.g. ``transcoder_all/layer_5_width_16k_l0_big_affine/`` with
+``config.json`` (``hf_hook_point_in``, ``hf_hook_point_out``, ``model_name``, ``architecture: jump_relu``,
+``width``, ``l0``, ``affine_connection``, ``type``) and ``params.safetensors``: ``w_enc`` [d, m],
+``w_dec`` [m, d], ``b_enc``, ``b_dec``, ``threshold``, optional ``affine_skip_connection`` [d, d]
+(applied as ``x @ affine``, so our ``W_skip`` is its transpose).
+CLT: ``clt/width_262k_l0_medium_affine/config.json`` (``hf_hook_point_in`` with a ``{all}`` layer) and
+``params_layer_{i}.safetensors`` with ``w_dec`` [m, n_layers, d]; source layer i writes slices ``i:``.
+Hook points are module paths of ``Gemma3ForCausalLM``; :data:`HF_MODULE_SITES` maps them to our sites.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TranscoderFormatError
+from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from ._common import (
+    choose_layers,
+    describe_dict,
+    folder_of,
+    join,
+    jump_threshold,
+    pick_variant,
+    read_json,
+    safetensors_headers,
+)
+from ._util import SafetensorsReader, dtype_name
+
+if TYPE_CHECKING:
+    from ..hub import FileSource
+
+NAME = "gemma_scope2"
+DESCRIPTION = "Gemma Scope 2 (Gemma 3) PLT folders (config.json + params.safetensors) and CLTs (params_layer_{i})"
+
+CONFIG = "config.json"
+PLT_PARAMS = "params.safetensors"
+_CLT_FILE = re.compile(r"^params_layer_(\d+)\.safetensors$")
+_PLT_FOLDER = re.compile(r"^(?:(.*)/)?layer_(\d+)_([^/]+)$")
+
+# (module path below the decoder layer, "input" | "output") -> our site. Anything else becomes an
+# explicit site "<prefix>.layers.{layer}.<module>:<which>" (see sites.resolve_site).
+HF_MODULE_SITES: dict[tuple[str, str], str] = {
+    ("", "input"): "resid_pre",
+    ("", "output"): "resid_post",
+    ("pre_feedforward_layernorm", "input"): "resid_mid",
+    ("pre_feedforward_layernorm", "output"): "mlp_in",
+    ("mlp", "input"): "mlp_in",
+    ("post_feedforward_layernorm", "output"): "mlp_out",
+}
+_HF_HOOK = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+|\{all\})(?:\.(?P<module>.+?))?\.(?P<which>input|output)$")
+
+
+def site_from_hf_hook(hook: str) -> tuple[str, int | None]:
+    """Our site and the layer for an HF module hook such as ``model.layers.5.pre_feedforward_layernorm.output``."""
+    m = _HF_HOOK.match(hook)
+    if not m:
+        raise TranscoderFormatError(
+            f"hook point {hook!r} is not of the form '<...>.layers.N[.<module>].input|output'"
+        )
+    module, which = m.group("module") or "", m.group("which")
+    layer = None if m.group("layer") == "{all}" else int(m.group("layer"))
+    site = HF_MODULE_SITES.get((module, which))
+    if site is None:
+        site = f"{m.group('prefix')}.{{layer}}" + (f".{module}" if module else "") + f":{which}"
+    return site, layer
+
+
+# ---------------------------------------------------------------------- layout
+def _is_clt(files: list[str]) -> bool:
+    return CONFIG in files and any(_CLT_FILE.match(f) for f in files)
+
+
+def _plt_folders(source: FileSource) -> dict[str, dict[int, str]]:
+    """Variant -> {layer: folder} of PLT folders (``.../layer_{L}_{variant}/``) or the root itself."""
+    files = set(source.list_files())
+    if CONFIG in files and PLT_PARAMS in files:
+        return {"": {-1: ""}}
+    out: dict[str, dict[int, str]] = {}
+    for f in files:
+        if not f.endswith("/" + PLT_PARAMS):
+            continue
+        folder = folder_of(f)
+        m = _PLT_FOLDER.match(folder)
+        if m and join(folder, CONFIG) in files:
+            variant = join(m.group(1) or "", m.group(3))
+            out.setdefault(variant, {})[int(m.group(2))] = folder
+    return out
+
+
+def detect(source: FileSource) -> bool:
+    files = source.list_files()
+    return _is_clt(files) or bool(_plt_folders(source))
+
+
+def _encoder(r: SafetensorsReader, decoders: bool, source_layer: int | None = None) -> LayerEncoder:
+    W = r.get("w_enc", (None, None))
+    d, m = W.shape
+    enc = LayerEncoder(W.T.contiguous(), r.get("b_enc", (m,)), threshold=jump_threshold(r.get("threshold", (m,))))
+    W_dec = W_skip = None
+    if decoders:
+        if source_layer is None:
+            W_dec = r.get("w_dec", (m, d))
+        else:
+            W_dec = r.get("w_dec", (m, None, d))[:, source_layer:, :]
+        skip = r.get("affine_skip_connection", (d, d), required=False)
+        W_skip = None if skip is None else skip.T.contiguous()
+    enc.set_decoder(W_dec, r.get("b_dec", (d,), required=False), W_skip)
+    return enc
+
+
+def load_layer_file(source: FileSource, name: str, decoders: bool) -> LayerEncoder:
+    """One PLT layer from a GS2 ``params.safetensors`` (for circuit-tracer ``transcoders:`` lists)."""
+    return _encoder(SafetensorsReader(source.fetch(name), f"{source.name}/{name}"), decoders)
+
+
+def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEncoder], chosen: list[int]):
+    hook_in = cfg.get("hf_hook_point_in")
+    if not hook_in:
+        raise TranscoderFormatError(f"{source.name}: config.json has no 'hf_hook_point_in'")
+    site, _ = site_from_hf_hook(hook_in)
+    hook_out = cfg.get("hf_hook_point_out")
+    out_site = site_from_hf_hook(hook_out)[0] if hook_out else "mlp_out"
+    if cfg.get("architecture", "jump_relu") != "jump_relu":
+        raise TranscoderFormatError(
+            f"{source.name}: architecture {cfg.get('architecture')!r} is not supported (expected 'jump_relu')"
+        )
+    first = encoders[chosen[0]].W_enc
+    keep = ("width", "l0", "affine_connection", "type", "hf_hook_point_in", "hf_hook_point_out")
+    return TranscoderConfig(
+        d_model=first.shape[1],
+        layers=chosen,
+        n_features=[encoders[i].n_features for i in chosen],
+        activation="jumprelu",
+        input_site=site,
+        output_site=out_site,
+        model_name=cfg.get("model_name"),
+        dtype=dtype_name(first.dtype),
+        extra={k: cfg[k] for k in keep if k in cfg},
+    )
+
+
+def load(
+    source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
+) -> CrossLayerTranscoder:
+    files = source.list_files()
+    if _is_clt(files):
+        return _load_clt(source, files, layers, decoders)
+    folders = _plt_folders(source)
+    if not folders:
+        raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 config.json + params.safetensors found")
+    by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
+    if -1 in by_layer:  # a single layer's folder: the layer is in its config
+        cfg = read_json(source, CONFIG)
+        layer = site_from_hf_hook(str(cfg.get("hf_hook_point_in", "")))[1]
+        if layer is None:
+            raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
+        by_layer = {layer: ""}
+    chosen = choose_layers(source, by_layer, layers, "Gemma Scope 2 transcoder")
+    encoders, cfgs = {}, {}
+    for i in chosen:
+        folder = by_layer[i]
+        cfgs[i] = read_json(source, join(folder, CONFIG))
+        hook_layer = site_from_hf_hook(str(cfgs[i].get("hf_hook_point_in", "")))[1]
+        if hook_layer is not None and hook_layer != i:
+            raise TranscoderFormatError(
+                f"{source.name}/{join(folder, CONFIG)}: hook point {cfgs[i]['hf_hook_point_in']!r} "
+                f"is layer {hook_layer}, but the folder says layer {i}"
+            )
+        encoders[i] = load_layer_file(source, join(folder, PLT_PARAMS), decoders)
+    cfg = _config(source, cfgs[chosen[0]], encoders, chosen)
+    cfg.span = 1
+    return CrossLayerTranscoder(cfg, encoders)
+
+
+def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, decoders: bool):
+    cfg = read_json(source, CONFIG)
+    available = {int(m.group(1)): f for f in files if (m := _CLT_FILE.match(f))}
+    chosen = choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors")
+    encoders = {}
+    for i in chosen:
+        r = SafetensorsReader(source.fetch(available[i]), f"{source.name}/{available[i]}")
+        encoders[i] = _encoder(r, decoders, source_layer=i)
+    tc_cfg = _config(source, cfg, encoders, chosen)
+    tc_cfg.n_layers = len(available)
+    return CrossLayerTranscoder(tc_cfg, encoders)
+
+
+def describe(source: FileSource, *, variant: str | None = None) -> dict[str, Any]:
+    """Layers, sizes and sites from config.json and one safetensors header (no weights read)."""
+    files = source.list_files()
+    if _is_clt(files):
+        layers = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
+        cfg, first = read_json(source, CONFIG), f"params_layer_{layers[0]}.safetensors"
+        kind = "clt"
+    else:
+        folders = _plt_folders(source)
+        if not folders:
+            raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 files")
+        by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
+        folder = by_layer[min(by_layer)]
+        cfg, first = read_json(source, join(folder, CONFIG)), join(folder, PLT_PARAMS)
+        layers = sorted(by_layer) if -1 not in by_layer else [site_from_hf_hook(cfg["hf_hook_point_in"])[1]]
+        kind = "plt"
+    heads = safetensors_headers(source.fetch(first), f"{source.name}/{first}")
+    if "w_enc" not in heads:
+        raise TranscoderFormatError(f"{source.name}/{first}: no tensor 'w_enc'; found {sorted(heads)}")
+    (d, m), dtype = heads["w_enc"]
+    site = site_from_hf_hook(cfg["hf_hook_point_in"])[0] if cfg.get("hf_hook_point_in") else None
+    return describe_dict(NAME, layers, d, m, site, "jumprelu", dtype, kind=kind, model_name=cfg.get("model_name"))

@@ -1,0 +1,210 @@
+"""EleutherAI sparsify SAEs / transcoders and clt-training checkpoints.
+
+One folder per hookpoint, named by the module path relative to ``model.base_model`` (``layers.10``,
+``layers.5.mlp``, ``h.0.mlp``), each with ``cfg.json`` and ``sae.safetensors``: ``encoder.weight`` [m, d],
+``encoder.bias`` [m], ``W_dec`` [m, d], ``b_dec`` [d], optional ``W_skip`` [d, d] (``x @ W_skip.T``).
+Encoder (``SparseCoder.encode``): ``x = x * sqrt(d) / in_norm`` when ``normalize_io`` (clt-training),
+``x = x - b_dec`` for SAEs only (``transcode: false``), then top-k of ``relu(x @ W.T + b)``.
+A transcoder reads the module's INPUT, an SAE its OUTPUT; :data:`HOOKPOINT_SITES` maps names to sites.
+clt-training extras: ``W_decs.{i}`` / ``b_decs.{i}`` / ``W_skips.{i}`` per target (offset i from the
+source layer), ``post_encs.{i}`` / ``post_enc_scales.{i}`` applied to the latents before decoding target i.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import TranscoderFormatError
+from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from ._common import choose_layers, describe_dict, join, pick_variant, read_json, safetensors_headers
+from ._util import SafetensorsReader, dtype_name
+
+if TYPE_CHECKING:
+    from ..hub import FileSource
+
+NAME = "sparsify"
+DESCRIPTION = "EleutherAI sparsify / clt-training: <hookpoint>/cfg.json + sae.safetensors"
+
+CFG, WEIGHTS = "cfg.json", "sae.safetensors"
+_LAYER_PREFIXES = r"(?:layers|h|blocks|layer|decoder\.layers)"
+
+# (hookpoint regex with the layer as group 1, our site for a transcoder, our site for an SAE).
+HOOKPOINT_SITES: list[tuple[re.Pattern[str], str, str]] = [
+    (re.compile(rf"^(?:.*\.)?{_LAYER_PREFIXES}\.(\d+)$"), "resid_pre", "resid_post"),
+    (re.compile(rf"^(?:.*\.)?{_LAYER_PREFIXES}\.(\d+)\.(?:mlp|feed_forward|ffn)$"), "mlp_in", "mlp_out"),
+]
+# Where sparsify's base_model-relative names live in the full model, for explicit (unknown) hookpoints.
+BASE_MODEL_PREFIX = {"layers": "model.", "h": "transformer."}
+_ANY_LAYER = re.compile(rf"^(?P<stem>(?:.*\.)?{_LAYER_PREFIXES})\.(?P<layer>\d+)(?:\.(?P<rest>.+))?$")
+# Activation of cfg.json -> ours. batchtopk keeps a batch-wide threshold in training; per token at inference.
+ACTIVATIONS = {"topk": "topk", "batchtopk": "topk"}
+
+
+def hookpoint_site(hookpoint: str, transcode: bool) -> tuple[str, str, int]:
+    """(input site, output site, layer) of a sparsify hookpoint name."""
+    for pattern, tc_site, sae_site in HOOKPOINT_SITES:
+        if m := pattern.match(hookpoint):
+            layer = int(m.group(1))
+            if transcode:
+                return tc_site, ("resid_post" if tc_site == "resid_pre" else "mlp_out"), layer
+            return sae_site, sae_site, layer
+    m = _ANY_LAYER.match(hookpoint)
+    if not m:
+        raise TranscoderFormatError(f"sparsify hookpoint {hookpoint!r} names no decoder layer (expected layers.N...)")
+    stem = m.group("stem")
+    prefix = BASE_MODEL_PREFIX.get(stem.split(".")[0], "")
+    path = f"{prefix}{stem}.{{layer}}" + (f".{m.group('rest')}" if m.group("rest") else "")
+    return f"{path}:{'input' if transcode else 'output'}", f"{path}:output", int(m.group("layer"))
+
+
+def _hookpoints(source: FileSource) -> dict[str, str]:
+    """Hookpoint name -> folder ('' when the source itself is one hookpoint's folder)."""
+    files = set(source.list_files())
+    if CFG in files and WEIGHTS in files:
+        return {source.name.rstrip("/").rsplit("/", 1)[-1]: ""}
+    return {
+        f[: -len(WEIGHTS) - 1]: f[: -len(WEIGHTS) - 1]
+        for f in files
+        if f.endswith("/" + WEIGHTS) and "/" not in f[: -len(WEIGHTS) - 1] and f"{f[: -len(WEIGHTS)]}{CFG}" in files
+    }
+
+
+def _templates(hookpoints: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Hookpoint template (layer number -> ``{layer}``) -> {layer: hookpoint}."""
+    out: dict[str, dict[int, str]] = {}
+    for hp in hookpoints:
+        if m := _ANY_LAYER.match(hp):
+            template = f"{m.group('stem')}.{{layer}}" + (f".{m.group('rest')}" if m.group("rest") else "")
+            out.setdefault(template, {})[int(m.group("layer"))] = hp
+    return out
+
+
+def detect(source: FileSource) -> bool:
+    return bool(_hookpoints(source))
+
+
+def _check_cfg(label: str, cfg: dict[str, Any]) -> None:
+    act = cfg.get("activation", "topk")
+    if act not in ACTIVATIONS:
+        raise TranscoderFormatError(f"{label}: activation {act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    if cfg.get("coalesce_topk", "none") not in ("none", None):
+        raise TranscoderFormatError(
+            f"{label}: coalesce_topk={cfg['coalesce_topk']!r} selects the top-k across layers, so one layer's "
+            f"features cannot be computed alone; not supported"
+        )
+
+
+def _decoder(r: SafetensorsReader, cfg: dict[str, Any], m: int, d: int):
+    """(W_dec [m, n_targets, d], b_dec, W_skip) of a sparsify / clt-training file."""
+    n = int(cfg.get("n_targets") or 0)
+    if not (cfg.get("transcode") and n > 0 and "W_decs.0" in r.keys):
+        return r.get("W_dec", (m, d)), r.get("b_dec", (d,)), r.get("W_skip", (d, d), required=False)
+    W = []
+    for i in range(n):
+        w = r.get(f"W_decs.{i}", (m, d))
+        post = r.get(f"post_encs.{i}", (m,), required=False)
+        if post is not None and bool(post.any()):
+            raise TranscoderFormatError(
+                f"{r.label}: post_encs.{i} is non-zero; its offset of active latents cannot be folded into a "
+                f"linear decoder (features load fine with decoders=False)"
+            )
+        scale = r.get(f"post_enc_scales.{i}", (m,), required=False) if cfg.get("post_encoder_scale") else None
+        W.append(w if scale is None else w * scale[:, None])
+    b = r.get("b_decs.0", (d,), required=False)
+    skip = r.get("W_skips.0", (d, d), required=False)
+    return torch.stack(W, dim=1), b, skip
+
+
+def _load_one(source: FileSource, folder: str, decoders: bool) -> tuple[LayerEncoder, dict[str, Any]]:
+    cfg = read_json(source, join(folder, CFG))
+    label = f"{source.name}/{join(folder, WEIGHTS)}"
+    _check_cfg(f"{source.name}/{join(folder, CFG)}", cfg)
+    r = SafetensorsReader(source.fetch(join(folder, WEIGHTS)), label)
+    d = int(cfg["d_in"]) if "d_in" in cfg else None
+    W = r.get("encoder.weight", (None, d))
+    m, d = W.shape
+    if cfg.get("num_latents") and int(cfg["num_latents"]) != m:
+        raise TranscoderFormatError(f"{label}: encoder.weight has {m} latents, cfg.json says {cfg['num_latents']}")
+    pre_bias = None if cfg.get("transcode") else r.get("b_dec", (d,))
+    scale = None
+    if cfg.get("normalize_io"):
+        in_norm = r.get("in_norm", (1,))
+        scale = math.sqrt(d) / float(in_norm.float().item())
+    enc = LayerEncoder(W, r.get("encoder.bias", (m,)), pre_bias=pre_bias, input_scale=scale)
+    if decoders:
+        enc.set_decoder(*_decoder(r, cfg, m, d))
+    return enc, cfg
+
+
+def _model_name(source: FileSource) -> str | None:
+    """sparsify writes its run config (with ``model``) as config.json at the run root."""
+    if not source.exists("config.json"):
+        return None
+    try:
+        model = read_json(source, "config.json").get("model")
+    except TranscoderFormatError:
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _select(source: FileSource, variant: str | None) -> tuple[str, dict[int, str], dict[str, str]]:
+    hookpoints = _hookpoints(source)
+    if not hookpoints:
+        raise TranscoderFormatError(f"{source.name}: no sparsify <hookpoint>/cfg.json + sae.safetensors found")
+    templates = _templates(hookpoints)
+    if not templates:
+        raise TranscoderFormatError(f"{source.name}: no hookpoint names a decoder layer: {sorted(hookpoints)}")
+    template = pick_variant(source, templates, variant, "hookpoint template")
+    return template, templates[template], hookpoints
+
+
+def load(
+    source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
+) -> CrossLayerTranscoder:
+    """``variant`` picks a hookpoint template such as ``"layers.{layer}.mlp"`` when a repo has several."""
+    template, by_layer, hookpoints = _select(source, variant)
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    encoders, cfgs = {}, {}
+    for i in chosen:
+        encoders[i], cfgs[i] = _load_one(source, hookpoints[by_layer[i]], decoders)
+    cfg0 = cfgs[chosen[0]]
+    transcode = bool(cfg0.get("transcode"))
+    in_site, out_site, _ = hookpoint_site(by_layer[chosen[0]], transcode)
+    ks = {int(c.get("k", 32)) for c in cfgs.values()}
+    if len(ks) != 1:
+        raise TranscoderFormatError(f"{source.name}: layers use different k {sorted(ks)}; load them separately")
+    first = encoders[chosen[0]].W_enc
+    n_targets = int(cfg0.get("n_targets") or 0)
+    keep = ("activation", "k", "transcode", "skip_connection", "normalize_io", "n_targets", "n_sources", "multi_topk")
+    cfg = TranscoderConfig(
+        d_model=first.shape[1],
+        layers=chosen,
+        n_features=[encoders[i].n_features for i in chosen],
+        activation="topk",
+        k=ks.pop(),
+        input_site=in_site,
+        output_site=out_site,
+        span=n_targets if transcode and n_targets > 0 else 1,
+        model_name=_model_name(source),
+        dtype=dtype_name(first.dtype),
+        extra={"hookpoint_template": template, **{k: cfg0[k] for k in keep if k in cfg0}},
+    )
+    return CrossLayerTranscoder(cfg, encoders)
+
+
+def describe(source: FileSource, *, variant: str | None = None) -> dict[str, Any]:
+    """Layers, sizes, site and k from cfg.json and one safetensors header (no weights read)."""
+    template, by_layer, hookpoints = _select(source, variant)
+    layers = sorted(by_layer)
+    folder = hookpoints[by_layer[layers[0]]]
+    cfg = read_json(source, join(folder, CFG))
+    heads = safetensors_headers(source.fetch(join(folder, WEIGHTS)), f"{source.name}/{join(folder, WEIGHTS)}")
+    if "encoder.weight" not in heads:
+        raise TranscoderFormatError(f"{source.name}/{join(folder, WEIGHTS)}: no 'encoder.weight'; found {sorted(heads)}")
+    (m, d), dtype = heads["encoder.weight"]
+    site = hookpoint_site(by_layer[layers[0]], bool(cfg.get("transcode")))[0]
+    return describe_dict(NAME, layers, d, m, site, "topk", dtype, k=cfg.get("k"), hookpoint_template=template)
