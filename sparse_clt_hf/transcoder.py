@@ -4,7 +4,7 @@ A cross-layer transcoder (CLT) has one encoder per source layer; source layer ``
 layers ``i .. i + span - 1``. A per-layer transcoder (PLT) is the case ``span == 1``. Every format
 that this library reads is mapped onto this one module, so the encode formula lives here only:
 
-    x' = transform(x) - pre_bias          (transform: none | layernorm | rmsnorm | norm_rescale)
+    x' = transform(x) - pre_bias          (transform: none | layernorm | rmsnorm | norm_rescale | standardize)
     z  = x' @ W_enc.T + b_enc
     a  = act(z)                           (relu | jumprelu: z * (z > threshold) | topk: k largest z, relu'd)
 """
@@ -25,7 +25,7 @@ from torch import nn
 from .errors import IncompatibleTranscoderError, TranscoderFormatError
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
-INPUT_TRANSFORMS = ("none", "layernorm", "rmsnorm", "norm_rescale")
+INPUT_TRANSFORMS = ("none", "layernorm", "rmsnorm", "norm_rescale", "standardize")
 SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 FORMAT_VERSION = 1
 
@@ -257,6 +257,9 @@ class CrossLayerTranscoder(nn.Module):
             x = F.layer_norm(x, (x.shape[-1],), enc.norm_weight, enc.norm_bias, eps)
         elif transform == "rmsnorm":
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        elif transform == "standardize":  # SAELens' layer_norm: (x - mean) / (unbiased std + eps)
+            centred = x - x.mean(-1, keepdim=True)
+            x = centred / (centred.std(-1, keepdim=True) + eps)
         elif transform == "norm_rescale":
             x = x * (math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True).clamp_min(eps))
         if enc.input_scale is not None:
@@ -379,6 +382,7 @@ class CrossLayerTranscoder(nn.Module):
         *,
         layers: Iterable[int] | None = None,
         format: str | None = None,
+        variant: str | None = None,
         decoders: bool = False,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -390,7 +394,8 @@ class CrossLayerTranscoder(nn.Module):
         """Load a transcoder from a local folder, a Hub reference or a registry name.
 
         Only the files holding the requested ``layers`` are read (and downloaded); decoders are
-        read only with ``decoders=True``. ``format`` overrides the automatic detection.
+        read only with ``decoders=True``. ``format`` overrides the automatic detection; ``variant``
+        picks one of several transcoders per layer where a repo holds more (e.g. Gemma Scope L0s).
         """
         from .formats import load_transcoder
         from .hub import open_source
@@ -398,7 +403,7 @@ class CrossLayerTranscoder(nn.Module):
         source = open_source(
             ref, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        tc = load_transcoder(source, layers=layers, format=format, decoders=decoders)
+        tc = load_transcoder(source, layers=layers, format=format, decoders=decoders, variant=variant)
         if dtype is not None or device is not None:
             tc = tc.to(device=device, dtype=dtype)
             if dtype is not None:

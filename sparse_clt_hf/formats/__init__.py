@@ -58,10 +58,14 @@ def load_transcoder(
     layers: Iterable[int] | None = None,
     format: str | None = None,
     decoders: bool = False,
+    variant: str | None = None,
 ) -> CrossLayerTranscoder:
-    """Load the encoders of ``layers`` (all when None) from ``source``; decoders only when asked."""
+    """Load the encoders of ``layers`` (all when None) from ``source``; decoders only when asked.
+
+    ``variant`` picks one of several transcoders per layer (e.g. a Gemma Scope L0 folder)."""
     name = format or detect_format(source)
     layer_list = None if layers is None else sorted({int(x) for x in layers})
-    tc = format_module(name).load(source, layer_list, decoders)
+    extra = {"variant": variant} if variant is not None else {}
+    tc = format_module(name).load(source, layer_list, decoders, **extra)
     tc.config.source_format = name
     return tc

@@ -172,6 +172,11 @@ def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
             encoders[i] = enc
             continue
         r = SafetensorsReader(src.fetch(name), f"{src.name}/{name}")
+        if "w_enc" in r.keys:  # Gemma Scope 2 params.safetensors (mwhanna/gemma-scope-2-* configs)
+            from . import format_module
+
+            encoders[i] = format_module("gemma_scope2").load_layer_file(src, name, decoders)
+            continue
         W = r.get("W_enc", (None, None))
         m, d = W.shape
         enc = LayerEncoder(

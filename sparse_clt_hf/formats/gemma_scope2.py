@@ -116,6 +116,11 @@ def load_layer_file(source: FileSource, name: str, decoders: bool) -> LayerEncod
     return _encoder(SafetensorsReader(source.fetch(name), f"{source.name}/{name}"), decoders)
 
 
+def load_clt_layer_file(source: FileSource, name: str, layer: int, decoders: bool) -> LayerEncoder:
+    """Source layer ``layer`` of a GS2 CLT from its ``params_layer_{i}.safetensors`` (decoder slices ``layer:``)."""
+    return _encoder(SafetensorsReader(source.fetch(name), f"{source.name}/{name}"), decoders, source_layer=layer)
+
+
 def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEncoder], chosen: list[int]):
     hook_in = cfg.get("hf_hook_point_in")
     if not hook_in:
@@ -181,8 +186,7 @@ def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, de
     chosen = choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors")
     encoders = {}
     for i in chosen:
-        r = SafetensorsReader(source.fetch(available[i]), f"{source.name}/{available[i]}")
-        encoders[i] = _encoder(r, decoders, source_layer=i)
+        encoders[i] = load_clt_layer_file(source, available[i], i, decoders)
     tc_cfg = _config(source, cfg, encoders, chosen)
     tc_cfg.n_layers = len(available)
     return CrossLayerTranscoder(tc_cfg, encoders)

@@ -12,7 +12,6 @@ A source may be one SAE folder or a folder of SAE folders; then each sub-folder'
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -49,14 +48,14 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool, bool]] = {
     "jumprelu_transcoder": ("jumprelu", True, True, False),
     "jumprelu_skip_transcoder": ("jumprelu", True, True, True),
 }
-# normalize_activations -> our input_transform. layer_norm is SAELens' (x - mean) / (std_unbiased + 1e-5):
-# our eps-free-ish LayerNorm times sqrt((d-1)/d) (set as input_scale) equals it up to the eps placement.
+# normalize_activations -> our input_transform. layer_norm is SAELens' (x - mean) / (std_unbiased + 1e-5),
+# our "standardize" transform (eps 1e-5).
 NORMALIZATIONS = {
     None: "none",
     "none": "none",
     "expected_average_only_in": "none",
     "constant_norm_rescale": "norm_rescale",
-    "layer_norm": "layernorm",
+    "layer_norm": "standardize",
 }
 _LAYER_OF_HOOK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -154,8 +153,6 @@ def _load_one(source: FileSource, folder: str, p: dict[str, Any], decoders: bool
         W, b = W * norms[:, None], b * norms
     b_dec = r.get("b_dec", (None,)) if (decoders or p["apply_b_dec_to_input"]) else None
     scale = _scaling_factor(source, folder, p)
-    if p["normalize_activations"] == "layer_norm":
-        scale = math.sqrt((d - 1) / d)
     enc = LayerEncoder(
         W,
         b,
