@@ -212,7 +212,8 @@ class CLTAttachment:
         self.on_step = on_step
         self._window_setting = 1 if on_step is not None else window
 
-        _, decoder_layers = find_decoder_layers(model)
+        layers_path, decoder_layers = find_decoder_layers(model)
+        stack = model.get_submodule(layers_path.rpartition(".")[0])
         d_model = hidden_size(model)
         check_compatible(transcoder.config, d_model, len(decoder_layers), getattr(model, "name_or_path", None))
         wanted = list(transcoder.layers) if layers is None else sorted({int(x) for x in layers})
@@ -252,10 +253,15 @@ class CLTAttachment:
         self._window = 1
         self._handles: list[RemovableHandle] = []
         self._attached = True
+        self._caller_ids: torch.Tensor | None = None
 
         try:
+            # Token ids are read where the caller passes them (the model); positions are worked out on
+            # the module that runs the decoder layers, which every pass goes through (transformers
+            # 4.57 runs chunked prefill through forward() directly, bypassing the model's hooks).
             self._handles.append(model.register_forward_pre_hook(self._on_model_pre, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._on_model_post, with_kwargs=True))
+            self._handles.append(stack.register_forward_pre_hook(self._on_stack_pre, with_kwargs=True))
+            self._handles.append(stack.register_forward_hook(self._on_stack_post, with_kwargs=True))
             for layer, point in points.items():
                 hook = functools.partial(self._on_site, layer)
                 if point.which == "input":
@@ -370,11 +376,15 @@ class CLTAttachment:
 
     # ------------------------------------------------------------------ hooks
     def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._caller_ids = _input_ids(args, kwargs)
+
+    def _on_stack_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._discard_open_pass()
-        ids = kwargs.get("input_ids")
-        if ids is None and args and torch.is_tensor(args[0]) and args[0].dtype in (torch.long, torch.int):
-            ids = args[0]
+        ids = _input_ids(args, kwargs)
         embeds = kwargs.get("inputs_embeds")
+        caller_ids, self._caller_ids = self._caller_ids, None
+        if ids is None and caller_ids is not None and embeds is not None and caller_ids.shape == embeds.shape[:2]:
+            ids = caller_ids  # multimodal models pass embeddings to the text stack
         ref = ids if ids is not None else embeds
         if ref is None:
             return  # not a pass we can align (e.g. a vision-only call); layer hooks will ignore it
@@ -441,7 +451,7 @@ class CLTAttachment:
             l0.view(batch, -1),
         )
 
-    def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    def _on_stack_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         p = self._pass
         if p is None:
             return
@@ -535,6 +545,13 @@ def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if torch.is_tensor(value) and value.is_floating_point():
             return value
     raise RuntimeError("could not find the hidden states among the hooked module's inputs")
+
+
+def _input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point():
+        ids = args[0]
+    return ids
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:

@@ -108,7 +108,8 @@ def test_sampling_with_several_return_sequences(arch):
 @pytest.mark.parametrize("variant", ["no_cache", "chunked_prefill"])
 def test_recompute_and_chunked_prefill(arch, variant):
     model = tiny_model(arch)
-    ids, mask = prompts(length=6)
+    # transformers 4.57's chunked prefill ignores left padding in position ids: no padding there
+    ids, mask = prompts(length=6, pad_first=2 if variant == "no_cache" else 0)
     kwargs = {"use_cache": False} if variant == "no_cache" else {"prefill_chunk_size": 2}
     tc = random_transcoder()
     with attach_clt(model, tc, top_k=TOP_K) as clt:
