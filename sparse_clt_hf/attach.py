@@ -432,6 +432,9 @@ class CLTAttachment:
             h = h.view(batch, -1, h.shape[-1])
         if p.skip:
             h = h[:, p.skip :]
+        enc = self.transcoder.encoders[str(layer)]
+        if enc.W_enc.device != h.device:  # the layer runs elsewhere than we guessed: move once
+            self.transcoder.encoders[str(layer)] = enc.converted(h.device, None)
         if p.buffered:
             buf = self._buffer_for(layer, h)
             buf[p.slot].copy_(h[:, -1])
@@ -592,12 +595,15 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
-    hook = getattr(layer, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    """Where a decoder layer executes: accelerate's execution device if it dispatched the layer
+    (weights may sit on 'meta' or the CPU), else the device of its first real parameter."""
+    for mod in layer.modules():
+        device = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
     for p in layer.parameters():
-        return p.device
+        if p.device.type != "meta":
+            return p.device
     return torch.device("cpu")
 
 

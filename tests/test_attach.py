@@ -324,3 +324,20 @@ def test_bad_input_errors():
         tc.config.model_name = "google/gemma-2-2b"
         model.name_or_path = "meta-llama/Llama-3.2-1B"
         attach_clt(model, tc).detach()
+
+
+def test_accelerate_offloaded_model():
+    """Layers dispatched by accelerate (weights offloaded, executed on cpu) get their encoder there."""
+    from accelerate import cpu_offload
+
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    tc = random_transcoder()
+    cpu_offload(model, execution_device="cpu")
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        assert {clt.transcoder.encoder(x).W_enc.device.type for x in clt.layers} == {"cpu"}
+        out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, plain)
+    assert feats.num_positions == out.shape[1] - 1 and torch.equal(feats.token_ids, out[:, :-1])
