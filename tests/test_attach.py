@@ -341,3 +341,18 @@ def test_accelerate_offloaded_model():
         out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(out, plain)
     assert feats.num_positions == out.shape[1] - 1 and torch.equal(feats.token_ids, out[:, :-1])
+
+
+def test_assisted_decoding_drops_rejected_draft_positions():
+    model = tiny_model("llama")
+    assistant = tiny_model("llama", seed=5)
+    ids, mask = prompts(batch=1, pad_first=0)
+    tc = random_transcoder()
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        out, feats = clt.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, assistant_model=assistant
+        )
+    assert torch.equal(out, plain)
+    assert feats.num_positions == out.shape[1] - 1 and torch.equal(feats.token_ids, out[:, :-1])
+    check_against_reference(feats, model, "llama", tc, out, torch.ones_like(out))
