@@ -128,8 +128,9 @@ def test_decode_window_does_not_change_features(window):
     check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
 
 
-def test_plain_forward_and_manual_cache_loop():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_forward_and_manual_cache_loop(arch):
+    model = tiny_model(arch)
     ids, mask = prompts(pad_first=0)
     tc = random_transcoder()
     with attach_clt(model, tc, top_k=TOP_K) as clt:
@@ -140,7 +141,7 @@ def test_plain_forward_and_manual_cache_loop():
         feats = clt.features
     assert feats.num_positions == 6 and len(clt.calls) == 1
     seq = torch.cat([ids, nxt], 1)
-    check_against_reference(feats, model, "llama", tc, seq, torch.ones_like(seq))
+    check_against_reference(feats, model, arch, tc, seq, torch.ones_like(seq))
 
 
 def test_several_calls_are_appended_and_generate_returns_its_own():
@@ -175,8 +176,9 @@ def test_beam_search_raises_and_leaves_attachment_usable():
     check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
 
 
-def test_on_step_streams_each_pass():
-    model = tiny_model("gemma2")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_step_streams_each_pass(arch):
+    model = tiny_model(arch)
     ids, mask = prompts()
     tc = random_transcoder()
     steps = []
@@ -206,8 +208,9 @@ def hooks_left(model):
     ]
 
 
-def test_detach_and_exception_leave_no_hook():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_detach_and_exception_leave_no_hook(arch):
+    model = tiny_model(arch)
     ids, mask = prompts()
     clt = attach_clt(model, random_transcoder(), top_k=TOP_K)
     assert hooks_left(model) and "generate" in model.__dict__
@@ -222,8 +225,9 @@ def test_detach_and_exception_leave_no_hook():
     assert hooks_left(model) == [] and "generate" not in model.__dict__
 
 
-def test_exception_mid_generate_keeps_attachment_usable():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exception_mid_generate_keeps_attachment_usable(arch):
+    model = tiny_model(arch)
     ids, mask = prompts()
     tc = random_transcoder()
     with attach_clt(model, tc, top_k=TOP_K, window=2) as clt:
@@ -234,7 +238,7 @@ def test_exception_mid_generate_keeps_attachment_usable():
         assert clt.calls == [], "the aborted call is not reported"
         out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         assert len(clt.calls) == 1
-    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+    check_against_reference(feats, model, arch, tc, out, full_mask(out, mask))
 
 
 def test_two_attachments_are_independent():
