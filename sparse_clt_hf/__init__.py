@@ -4,6 +4,7 @@ from .attach import CLTAttachment, attach_clt
 from .errors import (
     AlignmentError,
     HookSiteError,
+    HubAccessError,
     IncompatibleTranscoderError,
     SparseCLTError,
     TranscoderFormatError,
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureHit",
     "Features",
     "HookSiteError",
+    "HubAccessError",
     "IncompatibleTranscoderError",
     "LayerEncoder",
     "SparseCLTError",

@@ -632,7 +632,11 @@ def attach_clt(
     (it implies ``window=1``). ``site`` overrides the transcoder's hook site.
     """
     if not isinstance(transcoder, CrossLayerTranscoder):
-        transcoder = CrossLayerTranscoder.from_pretrained(transcoder, layers=layers, format=format, **hub_kwargs)
+        from .hub import check_before_download, open_source
+
+        source = open_source(transcoder, **hub_kwargs)
+        check_before_download(source, model, layers=layers, format=format)  # width/depth, before weights
+        transcoder = CrossLayerTranscoder.from_pretrained(source, layers=layers, format=format)
     return CLTAttachment(
         model,
         transcoder,

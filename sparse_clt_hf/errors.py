@@ -21,3 +21,7 @@ class HookSiteError(SparseCLTError, ValueError):
 
 class AlignmentError(SparseCLTError, RuntimeError):
     """Features cannot be aligned with the tokens of this call (e.g. beam search)."""
+
+
+class HubAccessError(SparseCLTError, OSError):
+    """A Hub repository, revision or file cannot be reached (missing, private, offline and not cached)."""

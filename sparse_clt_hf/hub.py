@@ -24,14 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote, urlparse
 
-from .errors import IncompatibleTranscoderError, SparseCLTError, TranscoderFormatError
+from .errors import HubAccessError, IncompatibleTranscoderError, TranscoderFormatError
 
 if TYPE_CHECKING:
     from .transcoder import CrossLayerTranscoder
-
-
-class HubAccessError(SparseCLTError, OSError):
-    """A Hub repository, revision or file cannot be reached (missing, private, offline and not cached)."""
 
 
 class FileSource(Protocol):
@@ -90,7 +86,8 @@ class LocalSource:
 
     def resolve_uri(self, uri: str) -> tuple[FileSource, str]:
         if uri.startswith("hf://"):
-            return open_uri(uri)
+            self._linked: dict = getattr(self, "_linked", {})
+            return open_uri(uri, _repos=self._linked)
         full = (self.root / uri) if not Path(uri).is_absolute() else Path(uri)
         return LocalSource(full.parent), full.name
 
@@ -122,6 +119,10 @@ class _Repo:
     endpoint: str | None
     files: dict[str, int | None] | None = None
     from_cache: bool = False
+    fetched: dict[str, Path] = field(default_factory=dict)  # repo path -> local file, one HEAD per file
+    linked: dict[tuple, _Repo] = field(
+        default_factory=dict
+    )  # repos its hf:// URIs point into (one listing each)
 
     @property
     def label(self) -> str:
@@ -133,7 +134,9 @@ class _Repo:
     def listing(self) -> dict[str, int | None]:
         """path -> size of every file in the repo at this revision (one API call, then cached)."""
         if self.files is None:
-            self.files = self._cached_listing() if self.local_files_only or _offline() else self._remote_listing()
+            self.files = (
+                self._cached_listing() if self.local_files_only or _offline() else self._remote_listing()
+            )
         return self.files
 
     def _remote_listing(self) -> dict[str, int | None]:
@@ -198,7 +201,12 @@ class HubSource:
         _repo: _Repo | None = None,
     ) -> None:
         self.repo = _repo or _Repo(
-            repo_id, revision, token, None if cache_dir is None else str(cache_dir), local_files_only, endpoint
+            repo_id,
+            revision,
+            token,
+            None if cache_dir is None else str(cache_dir),
+            local_files_only,
+            endpoint,
         )
         self.subfolder = subfolder.strip("/")
         self.name = f"{self.repo.repo_id}/{self.subfolder}" if self.subfolder else self.repo.repo_id
@@ -228,13 +236,17 @@ class HubSource:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+        full = self._full(path)
+        if full in self.repo.fetched:
+            return self.repo.fetched[full]
         if not self.exists(path):
             raise self._missing(path)
         try:
             local = hf_hub_download(
                 self.repo.repo_id,
-                self._full(path),
-                local_files_only=self.repo.local_files_only,
+                full,
+                # a listing that came from the cache means the Hub is unreachable: do not retry it per file
+                local_files_only=self.repo.local_files_only or self.repo.from_cache,
                 endpoint=self.repo.endpoint or hub_endpoint(),
                 **self.repo.kwargs(),
             )
@@ -245,6 +257,7 @@ class HubSource:
             ) from exc
         except EntryNotFoundError as exc:
             raise self._missing(path) from exc
+        self.repo.fetched[full] = Path(local)
         return Path(local)
 
     def header(self, path: str) -> dict[str, tuple[str, list[int]]]:
@@ -259,7 +272,7 @@ class HubSource:
             return read_safetensors_header(Path(cached), label)
         if not self.exists(path):
             raise self._missing(path)
-        if not (self.repo.local_files_only or _offline()):
+        if not (self.repo.local_files_only or self.repo.from_cache or _offline()):
             api = HfApi(endpoint=self.repo.endpoint or hub_endpoint(), token=self.repo.token)
             try:
                 meta = api.parse_safetensors_file_metadata(
@@ -285,6 +298,7 @@ class HubSource:
                 cache_dir=self.repo.cache_dir,
                 local_files_only=self.repo.local_files_only,
                 endpoint=self.repo.endpoint,
+                _repos=self.repo.linked,
             )
         if Path(uri).is_absolute():
             return LocalSource(Path(uri).parent), Path(uri).name
@@ -360,22 +374,23 @@ def open_uri(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     endpoint: str | None = None,
+    _repos: dict[tuple, _Repo] | None = None,
 ) -> tuple[FileSource, str]:
-    """(source, file) for ``hf://org/repo/path/file?revision=REV``: the source is the file's folder."""
+    """(source, file) for ``hf://org/repo/path/file?revision=REV``: the source is the file's folder.
+
+    ``_repos`` shares repo state (file listing, fetched files) between the URIs of one config, so a
+    26-layer ``transcoders:`` list into one repo lists that repo once.
+    """
     ref = parse_hub_ref(uri)
     if ref is None or not ref.path:
         raise TranscoderFormatError(f"{uri!r} does not name a file (expected hf://org/repo/path/file)")
     folder, _, name = ref.path.rpartition("/")
-    src = HubSource(
-        ref.repo_id,
-        folder,
-        revision=ref.revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        endpoint=endpoint,
-    )
-    return src, name
+    key = (ref.repo_id, ref.revision)
+    repos = {} if _repos is None else _repos
+    if key not in repos:
+        cache = None if cache_dir is None else str(cache_dir)
+        repos[key] = _Repo(ref.repo_id, ref.revision, token, cache, local_files_only, endpoint)
+    return HubSource(ref.repo_id, folder, _repo=repos[key]), name
 
 
 def open_source(
@@ -410,7 +425,9 @@ def open_source(
     if path.is_dir():
         return LocalSource(path)
     if text.startswith(("/", "./", "../", "~")) or (path.exists() and not path.is_dir()):
-        raise TranscoderFormatError(f"{text!r} is not a folder (a transcoder reference must be a folder or repo)")
+        raise TranscoderFormatError(
+            f"{text!r} is not a folder (a transcoder reference must be a folder or repo)"
+        )
     parsed = parse_hub_ref(text)
     if parsed is None:
         known = ", ".join(registry.names()[:12])
@@ -454,12 +471,36 @@ class Description:
     has_skip: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_format_dict(cls, name: str, fmt: str, data: dict[str, Any]) -> Description:
+        """Adapt the dict a format module's ``describe`` returns (see ``formats._common.describe_dict``)."""
+        data = dict(data)
+        layers = [int(x) for x in data.pop("layers", [])]
+        widths = data.pop("n_features", None)
+        if not isinstance(widths, list):
+            widths = [widths] * len(layers) if widths is not None else []
+        known = {f for f in cls.__dataclass_fields__} - {"name", "format", "layers", "n_features", "extra"}
+        kwargs = {k: data.pop(k) for k in list(data) if k in known}
+        kwargs.setdefault("input_site", data.pop("site", None) or "?")
+        kwargs.setdefault("activation", kwargs.get("activation") or "?")
+        kwargs.setdefault("kind", "clt" if (data.get("span") or 1) != 1 else "plt")
+        kwargs.setdefault("d_model", None)
+        data.pop("format", None)
+        return cls(name=name, format=fmt, layers=layers, n_features=widths, extra=data, **kwargs)
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "F8_E4M3": "float8_e4m3fn"}
+
+_ST_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+}
 
 
 def _sum_sizes(source: FileSource, files: list[str]) -> int | None:
@@ -498,7 +539,9 @@ def describe_circuit_tracer(source: FileSource) -> Description:
             break
         header = tensor_shapes(src, fname)
         if w_name not in header:
-            raise TranscoderFormatError(f"{src.name}/{fname}: missing tensor {w_name!r}; found {sorted(header)}")
+            raise TranscoderFormatError(
+                f"{src.name}/{fname}: missing tensor {w_name!r}; found {sorted(header)}"
+            )
         st_dtype, shape = header[w_name]
         if len(shape) != 2:
             raise TranscoderFormatError(f"{src.name}/{fname}: {w_name} has shape {shape}; expected [m, d]")
@@ -522,7 +565,8 @@ def describe_circuit_tracer(source: FileSource) -> Description:
         activation=activation,
         k=cfg.get("k"),
         input_site=site,
-        output_site=cfg.get("output_site") or (ct.site_from_transformerlens(out_hook)[0] if out_hook else None),
+        output_site=cfg.get("output_site")
+        or (ct.site_from_transformerlens(out_hook)[0] if out_hook else None),
         input_transform=transform,
         model_name=cfg.get("model_name"),
         n_layers=cfg.get("n_layers") or (len(layers) if kind == ct.CLT_KIND else None),
@@ -548,22 +592,24 @@ def _first_foreign_encoder(src: FileSource, fname: str):
 _DESCRIBERS = {"circuit_tracer": describe_circuit_tracer}
 
 
-def describe(source: FileSource, format: str | None = None) -> Description:
-    """Describe ``source`` without loading weights where its format allows (else from its encoders)."""
+def describe(source: FileSource, format: str | None = None, variant: str | None = None) -> Description:
+    """Describe ``source`` without loading weights where its format allows (else from its encoders).
+
+    ``variant`` picks one of several transcoders per layer (e.g. a Gemma Scope L0 folder)."""
     from .formats import detect_format, format_module
 
     name = format or getattr(source, "format_hint", None) or detect_format(source)
     module = format_module(name)
     fn = getattr(module, "describe", None) or _DESCRIBERS.get(name)
     if fn is not None:
-        desc = fn(source)
-        if isinstance(desc, dict):
-            desc = Description(**{"name": source.name, "format": name, **desc})
-        return desc
+        desc = fn(source, variant=variant) if variant is not None else fn(source)
+        return Description.from_format_dict(source.name, name, desc) if isinstance(desc, dict) else desc
     from .formats import load_transcoder
 
-    tc = load_transcoder(source, format=name)
-    return _describe_loaded(tc, source.name, name, ["read from the encoder weights (format has no describe())"])
+    tc = load_transcoder(source, format=name, **({"variant": variant} if variant else {}))
+    return _describe_loaded(
+        tc, source.name, name, ["read from the encoder weights (format has no describe())"]
+    )
 
 
 def _describe_loaded(tc: CrossLayerTranscoder, name: str, fmt: str, notes: list[str]) -> Description:
@@ -712,6 +758,9 @@ def _layers_arg(text: str | None) -> list[int] | None:
 
 def _add_ref_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, help="format name (default: detected)")
+    parser.add_argument(
+        "--variant", default=None, help="which transcoder per layer, e.g. a Gemma Scope L0 folder"
+    )
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("--cache-dir", default=None, help="Hub cache folder (default: the standard HF cache)")
     parser.add_argument("--local-files-only", action="store_true", help="use the cache only, never download")
@@ -742,7 +791,7 @@ def _human(n: int | None) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    desc = describe(_open(args), format=args.format)
+    desc = describe(_open(args), format=args.format, variant=args.variant)
     if args.json:
         print(json.dumps(desc.to_dict(), indent=2))
         return 0
@@ -785,6 +834,7 @@ def run_convert(args: argparse.Namespace) -> int:
         layers=_layers_arg(args.layers),
         format=args.format or getattr(src, "format_hint", None),
         decoders=not args.encoders_only,
+        **({"variant": args.variant} if args.variant else {}),
     )
     out = tc.save_pretrained(args.dst)
     if args.json:

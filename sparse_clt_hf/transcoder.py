@@ -298,28 +298,37 @@ class CrossLayerTranscoder(nn.Module):
         top_k: int,
         *,
         activation_threshold: float | None = None,
-        chunk_size: int = 512,
+        chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k features of ``x`` [N, d] at ``layer``, without a dense [N, m] beyond one chunk.
 
         Returns ``values`` [N, k] (sorted descending, 0 in empty slots), ``indices`` [N, k] int32
         (-1 in empty slots) and ``l0`` [N] int32, the number of active features before truncation.
+        ``chunk_size`` rows are encoded at a time; ``None`` picks it from the sizes: a [rows, m] block
+        of about 8 MiB (stays in cache for the threshold, count and top-k passes), but at least d/4
+        rows, so that BLAS re-reads (and re-packs) an encoder matrix too large for the cache at most
+        once per d/4 rows (the block is then a quarter of the encoder's size).
         """
         self._check_input(x, layer)
         enc = self.encoder(layer)
         n = x.shape[0]
         m = enc.n_features
+        W = enc.W_enc
         act_k = int(self.config.k) if self.config.activation == "topk" else None
         k = min(top_k, m, act_k) if act_k else min(top_k, m)
-        values = torch.empty(n, top_k, dtype=enc.W_enc.dtype, device=enc.W_enc.device)
-        indices = torch.empty(n, top_k, dtype=torch.int32, device=enc.W_enc.device)
-        l0 = torch.empty(n, dtype=torch.int32, device=enc.W_enc.device)
+        values = torch.empty(n, top_k, dtype=W.dtype, device=W.device)
+        indices = torch.empty(n, top_k, dtype=torch.int32, device=W.device)
+        l0 = torch.empty(n, dtype=torch.int32, device=W.device)
         if k < top_k:
             values[:, k:] = 0
             indices[:, k:] = -1
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            z = F.linear(self.preprocess(x[start:stop], layer), enc.W_enc, enc.b_enc)
+        rows = chunk_size or min(max(n, 1), max(32, (8 << 20) // (m * W.element_size()), enc.d_model // 4))
+        relu = self.config.activation == "relu"
+        # relu: with a positive threshold, "relu then zero what is < t" is "zero what is < t".
+        thr_only = relu and activation_threshold is not None and activation_threshold > 0
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            z = F.linear(self.preprocess(x[start:stop], layer), W, enc.b_enc)
             if act_k is not None:
                 # TopK activation: the positives among the act_k largest z; keep the k largest of those.
                 top_z, top_i = z.topk(min(act_k, m), dim=-1)
@@ -329,17 +338,22 @@ class CrossLayerTranscoder(nn.Module):
                 count = (top_z != 0).sum(-1)
                 top_z, top_i = top_z[:, :k], top_i[:, :k]
             else:
-                if self.config.activation == "relu":
+                if thr_only:
+                    z = z.masked_fill_(z < activation_threshold, 0)
+                elif relu:
                     z = z.relu_()
                 else:
                     z = z.mul_(z > enc.threshold)
-                if activation_threshold is not None:
-                    z = z.masked_fill_(z < activation_threshold, 0)
-                count = (z != 0).sum(-1)
+                    if activation_threshold is not None:
+                        z = z.masked_fill_(z < activation_threshold, 0)
+                # Count the non-zeros as a float sum of signs: vectorised, unlike a sum over a bool mask
+                # (exact: fp32 accumulation of 0/1 up to 2**24 features).
+                sign = z.sign() if relu else z.sign().abs_()
+                count = sign.sum(-1, dtype=torch.float32)
+                del sign
                 top_z, top_i = z.topk(k, dim=-1)
-            empty = top_z == 0
             values[start:stop, :k] = top_z
-            indices[start:stop, :k] = top_i.masked_fill_(empty, -1)
+            indices[start:stop, :k] = top_i.masked_fill_(top_z == 0, -1)
             l0[start:stop] = count
         return values, indices, l0
 
@@ -400,7 +414,7 @@ class CrossLayerTranscoder(nn.Module):
         from .formats import load_transcoder
         from .hub import open_source
 
-        source = open_source(
+        source = ref if hasattr(ref, "list_files") else open_source(
             ref, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
         )
         tc = load_transcoder(source, layers=layers, format=format, decoders=decoders, variant=variant)

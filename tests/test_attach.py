@@ -161,7 +161,7 @@ def test_several_calls_are_appended_and_generate_returns_its_own():
         check_against_reference(own, model, "llama", tc, out2, full_mask(out2, m2))
         clt.reset()
         with pytest.raises(LookupError):
-            clt.features
+            _ = clt.features
 
 
 def test_beam_search_raises_and_leaves_attachment_usable():

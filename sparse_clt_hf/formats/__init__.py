@@ -63,7 +63,7 @@ def load_transcoder(
     """Load the encoders of ``layers`` (all when None) from ``source``; decoders only when asked.
 
     ``variant`` picks one of several transcoders per layer (e.g. a Gemma Scope L0 folder)."""
-    name = format or detect_format(source)
+    name = format or getattr(source, "format_hint", None) or detect_format(source)
     layer_list = None if layers is None else sorted({int(x) for x in layers})
     extra = {"variant": variant} if variant is not None else {}
     tc = format_module(name).load(source, layer_list, decoders, **extra)

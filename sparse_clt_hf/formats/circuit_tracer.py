@@ -280,3 +280,4 @@ def save_native(tc: CrossLayerTranscoder, directory: Path) -> Path:
         if enc.W_dec is not None:
             save_file({f"W_dec_{i}": _t(enc.W_dec)}, str(directory / f"W_dec_{i}.safetensors"))
     return directory
+
