@@ -47,6 +47,7 @@ class RegistryEntry:
     license: str | None = None
     notes: str | None = None
     source: str | None = None
+    aliases: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,7 +78,9 @@ def _entry(name: str, data: Any, path: Path) -> RegistryEntry:
         raise TranscoderFormatError(f"registry {path}: entry {name!r} must be a mapping with a repo_id")
     known = {f.name for f in fields(RegistryEntry)} - {"name", "extra"}
     extra = {k: v for k, v in data.items() if k not in known}
-    return RegistryEntry(name=name, extra=extra, **{k: v for k, v in data.items() if k in known})
+    values = {k: v for k, v in data.items() if k in known}
+    values["aliases"] = tuple(str(a) for a in values.get("aliases") or ())
+    return RegistryEntry(name=name, extra=extra, **values)
 
 
 @lru_cache(maxsize=8)
@@ -101,11 +104,11 @@ def entries() -> dict[str, RegistryEntry]:
 
 
 def get_entry(name: str) -> RegistryEntry | None:
-    """The entry called ``name`` (case-insensitive), or None."""
+    """The entry called ``name`` or one of its ``aliases`` (case-insensitive), or None."""
     table = entries()
     if name in table:
         return table[name]
-    lowered = {k.lower(): v for k, v in table.items()}
+    lowered = {alias.lower(): e for e in table.values() for alias in (e.name, *e.aliases)}
     return lowered.get(str(name).lower())
 
 

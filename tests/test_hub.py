@@ -481,3 +481,8 @@ def test_cli_push_to_branch_then_inspect_and_convert(env, hub, tcs, tmp_path, ca
 def test_cli_errors_are_reported(env, capsys, cli_main):
     assert cli_main(["inspect", "org/nope", "--cache-dir", str(env)]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_registry_aliases():
+    assert registry.get_entry("gemma-2-2b-clt-426k").repo_id == "mntss/clt-gemma-2-2b-426k"
+    assert registry.get_entry("Llama-3.2-1B-CLT-524k").name == "clt-llama-3.2-1b-524k"
