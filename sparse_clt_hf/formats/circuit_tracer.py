@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from ..errors import TranscoderFormatError
 from ..sites import SITES_TO_TRANSFORMERLENS, site_from_transformerlens
 from ..transcoder import FORMAT_VERSION, CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from ._common import choose_layers
 from ._util import SafetensorsReader, dtype_name
 
 if TYPE_CHECKING:
@@ -86,19 +87,6 @@ def _base_config(cfg: dict[str, Any], d_model: int, layers: list[int], widths: l
     )
 
 
-def _check_layers(source: FileSource, available: list[int], wanted: list[int] | None) -> list[int]:
-    if not available:
-        raise TranscoderFormatError(f"{source.name}: config.yaml found but no per-layer weight files")
-    if wanted is None:
-        return available
-    missing = [x for x in wanted if x not in available]
-    if missing:
-        raise TranscoderFormatError(
-            f"{source.name}: no weights for layers {missing}; the transcoder has layers {available}"
-        )
-    return wanted
-
-
 def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossLayerTranscoder:
     cfg = read_config(source)
     if not cfg:
@@ -112,7 +100,7 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
     files = source.list_files()
     available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
     n_layers = int(cfg.get("n_layers") or len(available))
-    chosen = _check_layers(source, available, layers)
+    chosen = choose_layers(source, available, layers, "weights")
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         name = f"W_enc_{i}.safetensors"
@@ -160,7 +148,7 @@ def _plt_files(source: FileSource, cfg: dict[str, Any]) -> dict[int, tuple[FileS
 
 def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
     files = _plt_files(source, cfg)
-    chosen = _check_layers(source, sorted(files), layers)
+    chosen = choose_layers(source, sorted(files), layers, "weights")
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         src, name = files[i]
