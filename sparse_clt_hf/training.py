@@ -23,7 +23,6 @@ import argparse
 import ast
 import json
 import math
-import sys
 import sysconfig
 import time
 import warnings
@@ -288,12 +287,19 @@ class _Model(nn.Module):
         with torch.no_grad():
             self.b_dec.copy_(y.mean(0))
             m = self.cfg.n_features
-            pick = torch.randperm(x.shape[0], generator=g)[:m]
             yc = y - self.b_dec
-            for i, s in enumerate(self.cfg.layers):
+            for i, s in enumerate(self.cfg.layers):  # a different token draw per layer: ids unrelated
+                pick = torch.randperm(x.shape[0], generator=g)[:m]
                 n = pick.numel()
                 self.W_enc[i][:n] = F.normalize(x[pick, i], dim=1)
                 self.W_dec[i][:n] = F.normalize(yc[pick, i : i + self.cfg.n_out(s)].reshape(n, -1), dim=1)
+            # Scale the encoders so that the initial reconstruction has the least-squares best size.
+            rows = torch.randperm(x.shape[0], generator=g)[: self.cfg.batch_size]
+            _, _, _, pred = self(x[rows], y[rows], None)
+            p = pred - self.b_dec
+            alpha = float((p * yc[rows]).sum() / p.pow(2).sum().clamp_min(1e-12))
+            for W in self.W_enc:
+                W.mul_(max(alpha, 1e-3))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, dead: list[torch.Tensor] | None):
         """Loss (sum of per-target FVUs + AuxK), the top-k indices/values per layer and the error sums."""
@@ -302,7 +308,7 @@ class _Model(nn.Module):
         pred = [self.b_dec[t].expand(n, d) for t in range(len(cfg.layers))]
         aux_pred: list[torch.Tensor | None] = [None] * len(cfg.layers)
         tops = []
-        for i, s in enumerate(cfg.layers):
+        for i in range(len(cfg.layers)):
             xi = x[:, i]
             with torch.no_grad():
                 z = F.linear(xi, self.W_enc[i], self.b_enc[i])
@@ -321,7 +327,8 @@ class _Model(nn.Module):
                 for j, piece in enumerate(aux_out.split(d, dim=1)):
                     prev = aux_pred[i + j]
                     aux_pred[i + j] = piece if prev is None else prev + piece
-        err = torch.stack(pred, 1) - y  # [n, T, d]
+        stacked = torch.stack(pred, 1)
+        err = stacked - y  # [n, T, d]
         sse = err.pow(2).sum(-1)  # [n, T]
         loss = sse.sum(1).mean() / d
         if any(p is not None for p in aux_pred):
@@ -329,7 +336,7 @@ class _Model(nn.Module):
             ae = torch.stack([p if p is not None else torch.zeros_like(e[:, 0]) for p in aux_pred], 1)
             aux = (ae + e).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)  # aux should predict -err
             loss = loss + cfg.aux_coef * aux
-        return loss, tops, sse.detach().sum(0)
+        return loss, tops, sse.detach().sum(0), stacked
 
     @torch.no_grad()
     def constrain(self) -> None:
@@ -439,7 +446,7 @@ def train_transcoder(
                     dead = [c >= cfg.dead_tokens for c in since_fired]
                     for group in opt.param_groups:
                         group["lr"] = lr_at(step)
-                    loss, tops, _ = net(x[rows], y[rows], dead if cfg.aux_coef > 0 else None)
+                    loss, tops, _, _ = net(x[rows], y[rows], dead if cfg.aux_coef > 0 else None)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     net.constrain()
@@ -457,7 +464,7 @@ def train_transcoder(
                     step += 1
                     seen += rows.numel()
                     if step % 10 == 0 or step == total_steps:
-                        bar.set_postfix(loss=f"{float(loss) / len(cfg.layers):.3f}",
+                        bar.set_postfix(fvu=f"{float(loss.detach()) / len(cfg.layers):.3f}",
                                         dead=sum(int((c >= cfg.dead_tokens).sum()) for c in since_fired))
                     bar.update(1)
             del x, y
