@@ -360,3 +360,18 @@ def test_assisted_decoding_drops_rejected_draft_positions():
     assert torch.equal(out, plain)
     assert feats.num_positions == out.shape[1] - 1 and torch.equal(feats.token_ids, out[:, :-1])
     check_against_reference(feats, model, "llama", tc, out, torch.ones_like(out))
+
+
+@pytest.mark.slow
+def test_compiled_model_forward_keeps_recording():
+    """Hooks registered before torch.compile of the model's forward still record, aligned."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    tc = random_transcoder()
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        model.forward = torch.compile(model.forward)
+        out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    del model.forward
+    assert torch.equal(out, plain)
+    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
