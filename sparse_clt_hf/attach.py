@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import AlignmentError, IncompatibleTranscoderError
 from .features import Features
-from .sites import find_decoder_layers, hidden_size, resolve_site
+from .sites import find_decoder_layers, model_dims, resolve_site
 from .transcoder import CrossLayerTranscoder, check_compatible
 
 StepCallback = Callable[[Features], None]
@@ -214,8 +214,7 @@ class CLTAttachment:
 
         layers_path, decoder_layers = find_decoder_layers(model)
         stack = model.get_submodule(layers_path.rpartition(".")[0])
-        d_model = hidden_size(model)
-        check_compatible(transcoder.config, d_model, len(decoder_layers), getattr(model, "name_or_path", None))
+        check_compatible(transcoder.config, *model_dims(model))
         wanted = list(transcoder.layers) if layers is None else sorted({int(x) for x in layers})
         out_of_range = [x for x in wanted if not 0 <= x < len(decoder_layers)]
         if out_of_range:
@@ -635,7 +634,8 @@ def attach_clt(
         from .hub import check_before_download, open_source
 
         source = open_source(transcoder, **hub_kwargs)
-        check_before_download(source, model, layers=layers, format=format)  # width/depth, before weights
+        # width and depth before any weight is downloaded (the attachment warns on a model-name mismatch)
+        check_before_download(source, model, layers=layers, format=format, warn_model_name=False)
         transcoder = CrossLayerTranscoder.from_pretrained(source, layers=layers, format=format)
     return CLTAttachment(
         model,

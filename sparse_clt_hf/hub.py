@@ -635,20 +635,12 @@ def _describe_loaded(tc: CrossLayerTranscoder, name: str, fmt: str, notes: list[
     )
 
 
-def model_dims(model: Any) -> tuple[int, int, str | None]:
-    """(hidden size, number of decoder layers, name) of a transformers model."""
-    from .sites import find_decoder_layers, hidden_size, text_config
-
-    cfg = text_config(model)
-    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    if depth is None:
-        depth = len(find_decoder_layers(model)[1])
-    name = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    return hidden_size(model), int(depth), name or None
-
-
 def check_before_download(
-    source: FileSource, model: Any, layers: list[int] | None = None, format: str | None = None
+    source: FileSource,
+    model: Any,
+    layers: list[int] | None = None,
+    format: str | None = None,
+    warn_model_name: bool = True,
 ) -> Description:
     """Check that ``source`` fits ``model`` (width, layer ids, model name) before downloading weights.
 
@@ -657,6 +649,8 @@ def check_before_download(
     from .transcoder import TranscoderConfig, check_compatible
 
     desc = describe(source, format=format)
+    from .sites import model_dims
+
     d_model, depth, model_name = model_dims(model)
     chosen = list(desc.layers)
     if layers is not None:
@@ -673,7 +667,7 @@ def check_before_download(
         n_features=[widths[i] for i in chosen],
         model_name=desc.model_name,
     )
-    check_compatible(cfg, d_model, depth, model_name)
+    check_compatible(cfg, d_model, depth, model_name if warn_model_name else None)
     return desc
 
 

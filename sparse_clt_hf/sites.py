@@ -157,6 +157,13 @@ def hidden_size(model: nn.Module) -> int:
     raise HookSiteError(f"cannot read the hidden size from the config of {type(model).__name__}")
 
 
+def model_dims(model: nn.Module) -> tuple[int, int, str | None]:
+    """(hidden size, number of decoder layers, name or path) of a model."""
+    _, layers = find_decoder_layers(model)
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return hidden_size(model), len(layers), name or None
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Path and ModuleList of the decoder layers (text stack) of ``model``."""
     cfg = text_config(model)
