@@ -193,7 +193,7 @@ class CLTAttachment:
         layers: Iterable[int] | None = None,
         top_k: int = 32,
         activation_threshold: float | None = None,
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         window: int | None = None,
         dtype: torch.dtype | None = None,
         site: str | None = None,
@@ -201,8 +201,8 @@ class CLTAttachment:
     ) -> None:
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive (or None: automatic), got {chunk_size!r}")
         if window is not None and window <= 0:
             raise ValueError(f"window must be a positive number of decode steps, got {window!r}")
         self.model = model
@@ -417,7 +417,12 @@ class CLTAttachment:
         else:
             new_mask = torch.ones(batch, new, dtype=torch.bool, device=ref.device)
         tokens = ids[:, skip:] if ids is not None else None
-        buffered = new == 1 and self._decode_window(batch) > 1
+        # Buffer every pass that fits (decode steps, and a short prefill: encoded together with the
+        # steps that follow, so each encoder matrix is read once per window instead of twice).
+        window = self._decode_window(batch)
+        buffered = window > 1 and self._buffer_slots + new <= window
+        if not buffered and self._buffer_slots:
+            self.flush()  # keep positions in order: what is buffered comes before this pass
         self._pass = _Pass(rec, skip, new, buffered, new_mask, tokens, slot=self._buffer_slots if buffered else 0)
 
     @torch.no_grad()
@@ -436,7 +441,7 @@ class CLTAttachment:
             self.transcoder.encoders[str(layer)] = enc.converted(h.device, None)
         if p.buffered:
             buf = self._buffer_for(layer, h)
-            buf[p.slot].copy_(h[:, -1])
+            buf[p.slot : p.slot + p.new].copy_(h.transpose(0, 1))
             p.staged[layer] = ()
             return
         d = h.shape[-1]
@@ -466,7 +471,7 @@ class CLTAttachment:
         rec.tokens.append(p.tokens)
         if p.buffered:
             self._buffer_record = rec
-            self._buffer_slots += 1
+            self._buffer_slots += p.new
             if self._buffer_slots >= self._window:
                 self.flush()
         else:
@@ -519,7 +524,7 @@ class CLTAttachment:
                 layer,
                 self.top_k,
                 activation_threshold=self.activation_threshold,
-                chunk_size=max(self.chunk_size, n * batch),
+                chunk_size=self.chunk_size,
             )
             rec.add(
                 layer,
@@ -613,7 +618,7 @@ def attach_clt(
     layers: Iterable[int] | None = None,
     top_k: int = 32,
     activation_threshold: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     window: int | None = None,
     dtype: torch.dtype | None = None,
     site: str | None = None,
