@@ -425,8 +425,9 @@ class CLTAttachment:
             self.flush()  # keep positions in order: what is buffered comes before this pass
         self._pass = _Pass(rec, skip, new, buffered, new_mask, tokens, slot=self._buffer_slots if buffered else 0)
 
-    @torch.no_grad()
     def _on_site(self, layer: int, hidden: torch.Tensor) -> None:
+        # No no_grad context here (a hot path): the copy reads a detached tensor and encode_sparse
+        # runs under no_grad itself.
         p = self._pass
         if p is None or layer in p.staged:
             return
