@@ -166,8 +166,11 @@ def chat_input(tokenizer: Any, prompt: str, chat: bool = True) -> dict[str, torc
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return tokenizer(prompt, return_tensors="pt")
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    # Decoder-only models take ids and mask; some tokenizers add token_type_ids, which generate rejects.
+    return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
 
 def token_report(tokenizer: Any, sequence: torch.Tensor, prompt_len: int, feats: Features, show: int,

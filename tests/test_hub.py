@@ -136,9 +136,13 @@ def env(hub, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    # huggingface_hub < 1.0 binds the template into file_download at import; transformers imports it early.
+    import huggingface_hub.file_download as file_download
+
+    if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
