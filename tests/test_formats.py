@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from format_fixtures import (
     write_clt_training,
     write_gemma_scope,
@@ -210,6 +211,27 @@ def test_gemma_scope2_clt_slices_decoders_from_the_source_layer(tmp_path):
     p = ref[1]
     torch.testing.assert_close(
         encode(tc, x, 1), ref_jumprelu_dm(x, p["w_enc"], p["b_enc"], p["threshold"]), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_circuit_tracer_clt_wrapper_listing_gemma_scope2_files(tmp_path):
+    """A circuit-tracer CLT config whose ``transcoders:`` list points at Gemma Scope 2 CLT files."""
+    ref = write_gemma_scope2_clt(tmp_path / "gs2", 3, D, M)
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    listed = [str(tmp_path / f"gs2/clt/width_262k_l0_medium/params_layer_{i}.safetensors") for i in range(3)]
+    (wrapper / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "cross_layer_transcoder", "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "hook_mlp_out", "transcoders": listed,
+    }))
+    src = RecordingSource(wrapper)
+    tc = load_transcoder(src, layers=[2], decoders=True)
+    assert tc.layers == [2] and tc.config.input_site == "mlp_in" and tc.config.n_layers == 3
+    torch.testing.assert_close(tc.encoder(2).W_dec, ref[2]["w_dec"][:, 2:, :])
+    x = x_input()
+    p = ref[2]
+    torch.testing.assert_close(
+        encode(tc, x, 2), ref_jumprelu_dm(x, p["w_enc"], p["b_enc"], p["threshold"]), rtol=1e-4, atol=1e-5
     )
 
 

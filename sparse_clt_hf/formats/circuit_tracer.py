@@ -97,12 +97,29 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
 
 
 def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
-    files = source.list_files()
-    available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
+    listed = cfg.get("transcoders")
+    if listed:  # per-layer files elsewhere (Gemma Scope 2 CLTs wrapped by mwhanna/gemma-scope-2-* configs)
+        files = {i: source.resolve_uri(str(uri)) for i, uri in enumerate(listed)}
+        available = sorted(files)
+    else:
+        files = {}
+        available = sorted(int(m.group(1)) for f in source.list_files() if (m := _CLT_FILE.match(f)))
     n_layers = int(cfg.get("n_layers") or len(available))
     chosen = choose_layers(source, available, layers, "weights")
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
+        if listed:
+            src, name = files[i]
+            r = SafetensorsReader(src.fetch(name), f"{src.name}/{name}")
+            if "w_enc" not in r.keys:
+                raise TranscoderFormatError(
+                    f"{src.name}/{name}: a CLT 'transcoders:' entry must be a Gemma Scope 2 params file "
+                    f"(tensors w_enc, w_dec, ...); found {sorted(r.keys)}"
+                )
+            from . import format_module
+
+            encoders[i] = format_module("gemma_scope2").load_clt_layer_file(src, name, i, decoders)
+            continue
         name = f"W_enc_{i}.safetensors"
         r = SafetensorsReader(source.fetch(name), f"{source.name}/{name}")
         W = r.get(f"W_enc_{i}", (None, None))
