@@ -37,7 +37,7 @@ StepCallback = Callable[[Features], None]
 
 DEFAULT_BUFFER_ROWS = 256  # rows per batched decode encode: enough to leave the memory-bound regime
 DEFAULT_BUFFER_BYTES = 32 * 2**20  # cap on the decode buffer, all layers together
-MAX_WINDOW = 64
+MAX_WINDOW = 256  # batch 1: one batched encode per 256 decode steps (buffer <= DEFAULT_BUFFER_BYTES)
 
 
 # ---------------------------------------------------------------------------- records
