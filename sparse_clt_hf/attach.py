@@ -479,10 +479,24 @@ class CLTAttachment:
             for layer in self.layers:
                 rec.add(layer, *p.staged[layer])
             rec.length += p.new
-        if self.on_step is not None:
-            self.flush()
-            feats = rec.materialise(self.top_k, self.widths).positions(rec.length - p.new)
-            self.on_step(feats)
+        if self.on_step is not None:  # on_step implies window=1: this pass was encoded in its hooks
+            self.on_step(self._pass_features(p))
+
+    def _pass_features(self, p: _Pass) -> Features:
+        """Features of one encoded pass alone (what on_step receives), without re-reading the record."""
+
+        def stack(i: int) -> torch.Tensor:
+            return torch.stack([p.staged[layer][i].cpu() for layer in self.layers], dim=2)
+
+        return Features(
+            indices=stack(1),
+            values=stack(0),
+            l0=stack(2),
+            mask=p.mask.cpu(),
+            layers=list(self.layers),
+            token_ids=None if p.tokens is None else p.tokens.cpu(),
+            n_features=self.widths,
+        )
 
     # ------------------------------------------------------------------ buffer
     def _decode_window(self, batch: int) -> int:
