@@ -234,7 +234,9 @@ class CLTAttachment:
         self._dtype = _model_dtype(model)
         compute_dtype = dtype or self._dtype
         encoders = {
-            layer: transcoder.encoder(layer).converted(_layer_device(decoder_layers[layer]), compute_dtype)
+            layer: transcoder.encoder(layer).converted(
+                _layer_device(decoder_layers[layer]), compute_dtype, decoder=False
+            )
             for layer in wanted
         }
         sub = transcoder.select_layers(wanted)
@@ -245,7 +247,6 @@ class CLTAttachment:
         self._current: _Record | None = None
         self._pass: _Pass | None = None
         self._in_call = False
-        self._call_start = 0
         self._buffers: dict[int, torch.Tensor] = {}
         self._buffer_slots = 0  # filled slots (same for every layer)
         self._buffer_record: _Record | None = None
@@ -439,7 +440,7 @@ class CLTAttachment:
             h = h[:, p.skip :]
         enc = self.transcoder.encoders[str(layer)]
         if enc.W_enc.device != h.device:  # the layer runs elsewhere than we guessed: move once
-            self.transcoder.encoders[str(layer)] = enc.converted(h.device, None)
+            self.transcoder.encoders[str(layer)] = enc.converted(h.device, None, decoder=False)
         if p.buffered:
             buf = self._buffer_for(layer, h)
             buf[p.slot : p.slot + p.new].copy_(h.transpose(0, 1))

@@ -167,8 +167,11 @@ class LayerEncoder(nn.Module):
     def n_features(self) -> int:
         return self.W_enc.shape[0]
 
-    def converted(self, device: torch.device | str | None, dtype: torch.dtype | None) -> LayerEncoder:
-        """A new encoder with tensors on ``device`` in ``dtype`` (shares storage where nothing changes)."""
+    def converted(
+        self, device: torch.device | str | None, dtype: torch.dtype | None, *, decoder: bool = True
+    ) -> LayerEncoder:
+        """A new encoder with tensors on ``device`` in ``dtype`` (shares storage where nothing changes);
+        ``decoder=False`` leaves the decoder tensors out (capture never needs them)."""
 
         def conv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(device=device, dtype=dtype or t.dtype)
@@ -181,9 +184,9 @@ class LayerEncoder(nn.Module):
             norm_weight=conv(self.norm_weight),
             norm_bias=conv(self.norm_bias),
             input_scale=self.input_scale,
-            W_dec=conv(self.W_dec),
-            b_dec=conv(self.b_dec),
-            W_skip=conv(self.W_skip),
+            W_dec=conv(self.W_dec) if decoder else None,
+            b_dec=conv(self.b_dec) if decoder else None,
+            W_skip=conv(self.W_skip) if decoder else None,
         )
 
     @property
