@@ -76,6 +76,18 @@ class TranscoderConfig:
                 f"unknown input_transform {self.input_transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}"
             )
 
+    @classmethod
+    def for_encoders(cls, encoders: Mapping[int, LayerEncoder], layers: list[int], **fields: Any) -> TranscoderConfig:
+        """A config whose sizes and dtype come from the encoders themselves (what every loader needs)."""
+        first = encoders[layers[0]].W_enc
+        return cls(
+            d_model=first.shape[1],
+            layers=list(layers),
+            n_features=[encoders[i].n_features for i in layers],
+            dtype=str(first.dtype).removeprefix("torch."),
+            **fields,
+        )
+
     @property
     def is_plt(self) -> bool:
         """True when each layer writes only to itself (per-layer transcoder)."""

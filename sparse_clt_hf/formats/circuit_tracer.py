@@ -27,7 +27,7 @@ from ..errors import TranscoderFormatError
 from ..sites import SITES_TO_TRANSFORMERLENS, site_from_transformerlens
 from ..transcoder import FORMAT_VERSION, CrossLayerTranscoder, LayerEncoder, TranscoderConfig
 from ._common import choose_layers
-from ._util import SafetensorsReader, dtype_name
+from ._util import SafetensorsReader
 
 if TYPE_CHECKING:
     from ..hub import FileSource
@@ -67,22 +67,24 @@ def _site(cfg: dict[str, Any]) -> tuple[str, str]:
     return site, cfg.get("input_transform", transform)
 
 
-def _base_config(cfg: dict[str, Any], d_model: int, layers: list[int], widths: list[int], dtype) -> TranscoderConfig:
+def _base_config(cfg: dict[str, Any], encoders: dict[int, LayerEncoder], layers: list[int]) -> TranscoderConfig:
+    """Our config from config.yaml and the loaded encoders (JumpReLU when every layer has thresholds)."""
     site, transform = _site(cfg)
     out_hook = cfg.get("feature_output_hook")
     output_site = cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else "mlp_out")
-    return TranscoderConfig(
-        d_model=d_model,
-        layers=layers,
-        n_features=widths,
-        activation=cfg.get("activation") or "relu",
+    activation = cfg.get("activation") or "relu"
+    if activation == "relu" and all(encoders[i].threshold is not None for i in layers):
+        activation = "jumprelu"
+    return TranscoderConfig.for_encoders(
+        encoders,
+        layers,
+        activation=activation,
         k=cfg.get("k"),
         input_site=site,
         output_site=output_site,
         input_transform=transform,
         input_norm_eps=float(cfg.get("input_norm_eps", 1e-5 if transform != "rmsnorm" else 1e-6)),
         model_name=cfg.get("model_name"),
-        dtype=dtype_name(dtype),
         metrics=dict(cfg.get("metrics") or {}),
     )
 
@@ -143,10 +145,7 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
         elif b_dec is not None:
             enc.set_decoder(None, b_dec)
         encoders[i] = enc
-    first = encoders[chosen[0]].W_enc
-    tc_cfg = _base_config(cfg, first.shape[1], chosen, [encoders[i].n_features for i in chosen], first.dtype)
-    if tc_cfg.activation == "relu" and all(encoders[i].threshold is not None for i in chosen):
-        tc_cfg.activation = "jumprelu"
+    tc_cfg = _base_config(cfg, encoders, chosen)
     tc_cfg.n_layers = n_layers
     tc_cfg.span = cfg.get("span")
     return CrossLayerTranscoder(tc_cfg, encoders)
@@ -196,10 +195,7 @@ def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
         if decoders:
             enc.set_decoder(r.get("W_dec", (m, d)), r.get("b_dec", (d,)), r.get("W_skip", (d, d), required=False))
         encoders[i] = enc
-    first = encoders[chosen[0]].W_enc
-    tc_cfg = _base_config(cfg, first.shape[1], chosen, [encoders[i].n_features for i in chosen], first.dtype)
-    if tc_cfg.activation == "relu" and all(encoders[i].threshold is not None for i in chosen):
-        tc_cfg.activation = "jumprelu"
+    tc_cfg = _base_config(cfg, encoders, chosen)
     tc_cfg.span = 1
     tc_cfg.n_layers = cfg.get("n_layers")
     return CrossLayerTranscoder(tc_cfg, encoders)

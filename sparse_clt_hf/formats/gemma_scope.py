@@ -23,7 +23,6 @@ from ._common import (
     layer_from_name,
     npz_headers,
 )
-from ._util import dtype_name
 
 if TYPE_CHECKING:
     from ..hub import FileSource
@@ -103,11 +102,9 @@ def load(
     files = _layer_files(source, variant)
     chosen = choose_layers(source, files, layers, "Gemma Scope params.npz")
     encoders = {i: load_layer_file(source, files[i], decoders) for i in chosen}
-    first = encoders[chosen[0]].W_enc
-    cfg = TranscoderConfig(
-        d_model=first.shape[1],
-        layers=chosen,
-        n_features=[encoders[i].n_features for i in chosen],
+    cfg = TranscoderConfig.for_encoders(
+        encoders,
+        chosen,
         activation="jumprelu",
         input_site="resid_mid",
         output_site="mlp_out",
@@ -115,7 +112,6 @@ def load(
         input_norm_eps=RMS_NORM_EPS,
         span=1,
         model_name=_model_name(source),
-        dtype=dtype_name(first.dtype),
         extra={"files": {i: files[i] for i in chosen}},
     )
     return CrossLayerTranscoder(cfg, encoders)

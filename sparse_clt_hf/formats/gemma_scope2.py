@@ -27,7 +27,7 @@ from ._common import (
     read_json,
     safetensors_headers,
 )
-from ._util import SafetensorsReader, dtype_name
+from ._util import SafetensorsReader
 
 if TYPE_CHECKING:
     from ..hub import FileSource
@@ -132,17 +132,14 @@ def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEn
         raise TranscoderFormatError(
             f"{source.name}: architecture {cfg.get('architecture')!r} is not supported (expected 'jump_relu')"
         )
-    first = encoders[chosen[0]].W_enc
     keep = ("width", "l0", "affine_connection", "type", "hf_hook_point_in", "hf_hook_point_out")
-    return TranscoderConfig(
-        d_model=first.shape[1],
-        layers=chosen,
-        n_features=[encoders[i].n_features for i in chosen],
+    return TranscoderConfig.for_encoders(
+        encoders,
+        chosen,
         activation="jumprelu",
         input_site=site,
         output_site=out_site,
         model_name=cfg.get("model_name"),
-        dtype=dtype_name(first.dtype),
         extra={k: cfg[k] for k in keep if k in cfg},
     )
 

@@ -27,7 +27,7 @@ from ._common import (
     read_json,
     safetensors_headers,
 )
-from ._util import SafetensorsReader, dtype_name
+from ._util import SafetensorsReader
 from .gemma_scope2 import site_from_hf_hook
 
 if TYPE_CHECKING:
@@ -201,11 +201,9 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
     encoders = {i: _load_one(source, found[i][0], ps[i], decoders) for i in chosen}
     act = ARCHITECTURES[p0["architecture"]][0]
     transform = p0["transform"] if p0["transform"] != "none" else NORMALIZATIONS[p0["normalize_activations"]]
-    first = encoders[chosen[0]].W_enc
-    cfg = TranscoderConfig(
-        d_model=first.shape[1],
-        layers=chosen,
-        n_features=[encoders[i].n_features for i in chosen],
+    cfg = TranscoderConfig.for_encoders(
+        encoders,
+        chosen,
         activation=act,
         k=p0["k"] if act == "topk" else None,
         input_site=p0["site"],
@@ -214,7 +212,6 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
         input_norm_eps=1e-6 if transform == "rmsnorm" else 1e-5,
         span=1,
         model_name=p0["model_name"],
-        dtype=dtype_name(first.dtype),
         extra={
             "architecture": p0["architecture"],
             "normalize_activations": p0["normalize_activations"],

@@ -21,7 +21,7 @@ import torch
 from ..errors import TranscoderFormatError
 from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
 from ._common import choose_layers, describe_dict, join, pick_variant, read_json, safetensors_headers
-from ._util import SafetensorsReader, dtype_name
+from ._util import SafetensorsReader
 
 if TYPE_CHECKING:
     from ..hub import FileSource
@@ -177,20 +177,17 @@ def load(
     ks = {int(c.get("k", 32)) for c in cfgs.values()}
     if len(ks) != 1:
         raise TranscoderFormatError(f"{source.name}: layers use different k {sorted(ks)}; load them separately")
-    first = encoders[chosen[0]].W_enc
     n_targets = int(cfg0.get("n_targets") or 0)
     keep = ("activation", "k", "transcode", "skip_connection", "normalize_io", "n_targets", "n_sources", "multi_topk")
-    cfg = TranscoderConfig(
-        d_model=first.shape[1],
-        layers=chosen,
-        n_features=[encoders[i].n_features for i in chosen],
+    cfg = TranscoderConfig.for_encoders(
+        encoders,
+        chosen,
         activation="topk",
         k=ks.pop(),
         input_site=in_site,
         output_site=out_site,
         span=n_targets if transcode and n_targets > 0 else 1,
         model_name=_model_name(source),
-        dtype=dtype_name(first.dtype),
         extra={"hookpoint_template": template, **{k: cfg0[k] for k in keep if k in cfg0}},
     )
     return CrossLayerTranscoder(cfg, encoders)

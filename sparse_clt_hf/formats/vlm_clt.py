@@ -104,12 +104,10 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
     encoders, info = {}, {}
     for i in chosen:
         encoders[i], info[i] = _load_one(source, files[i], i, decoders)
-    first = encoders[chosen[0]].W_enc
     n_targets = info[chosen[0]]["n_targets"]
-    cfg = TranscoderConfig(
-        d_model=first.shape[1],
-        layers=chosen,
-        n_features=[encoders[i].n_features for i in chosen],
+    cfg = TranscoderConfig.for_encoders(
+        encoders,
+        chosen,
         activation="relu",
         input_site="mlp_in",
         output_site="mlp_out",
@@ -117,7 +115,6 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
         input_norm_eps=LAYERNORM_EPS,
         span=n_targets,
         model_name=info[chosen[0]]["model_name"],
-        dtype=dtype_name(first.dtype),
         extra={"n_targets": n_targets},
     )
     return CrossLayerTranscoder(cfg, encoders)
