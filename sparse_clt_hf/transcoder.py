@@ -30,6 +30,11 @@ SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 FORMAT_VERSION = 1
 
 
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """How configs write a dtype: ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
 @dataclass
 class TranscoderConfig:
     """Everything needed to run a transcoder's encoders, serialisable to JSON/YAML.
@@ -84,7 +89,7 @@ class TranscoderConfig:
             d_model=first.shape[1],
             layers=list(layers),
             n_features=[encoders[i].n_features for i in layers],
-            dtype=str(first.dtype).removeprefix("torch."),
+            dtype=dtype_name(first.dtype),
             **fields,
         )
 
@@ -436,7 +441,7 @@ class CrossLayerTranscoder(nn.Module):
         if dtype is not None or device is not None:
             tc = tc.to(device=device, dtype=dtype)
             if dtype is not None:
-                tc.config.dtype = str(dtype).removeprefix("torch.")
+                tc.config.dtype = dtype_name(dtype)
         return tc
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -52,6 +52,3 @@ class SafetensorsReader:
                 )
         return tensor
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TranscoderFormatError
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, dtype_name
 from ._common import check_shape, choose_layers, describe_dict
-from ._util import dtype_name
 
 if TYPE_CHECKING:
     from ..hub import FileSource
