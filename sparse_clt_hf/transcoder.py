@@ -30,10 +30,10 @@ SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 FORMAT_VERSION = 1
 
 
-
 def dtype_name(dtype: torch.dtype) -> str:
     """How configs write a dtype: ``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
 
 @dataclass
 class TranscoderConfig:
@@ -320,21 +320,23 @@ class CrossLayerTranscoder(nn.Module):
         activation_threshold: float | None = None,
         chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k features of ``x`` [N, d] at ``layer``, without a dense [N, m] beyond one chunk.
+        """Top-k features of ``x`` [N, d] at ``layer``, without a dense [N, m] beyond one block.
 
         Returns ``values`` [N, k] (sorted descending, 0 in empty slots), ``indices`` [N, k] int32
         (-1 in empty slots) and ``l0`` [N] int32, the number of active features before truncation.
-        ``chunk_size`` rows are encoded at a time; ``None`` picks it from the sizes: a [rows, m] block
-        of about 8 MiB (stays in cache for the threshold, count and top-k passes), but at least d/4
-        rows, so that BLAS re-reads (and re-packs) an encoder matrix too large for the cache at most
-        once per d/4 rows (the block is then a quarter of the encoder's size).
+
+        The work is tiled into blocks of ``rows x cols`` pre-activations (see :func:`block_shape`;
+        ``chunk_size`` fixes the rows): each block is activated, counted and reduced to its own top-k
+        while it is still in cache, and a row chunk's result is the top-k of its blocks' candidates,
+        which is exact because the global top-k lies within the per-block top-k's. Rows are tiled so
+        that an encoder larger than the cache is streamed only ``N / rows`` times.
         """
         self._check_input(x, layer)
         enc = self.encoder(layer)
         n = x.shape[0]
         m = enc.n_features
         W = enc.W_enc
-        act_k = int(self.config.k) if self.config.activation == "topk" else None
+        act_k = min(int(self.config.k), m) if self.config.activation == "topk" else None  # type: ignore[arg-type]
         k = min(top_k, m, act_k) if act_k else min(top_k, m)
         values = torch.empty(n, top_k, dtype=W.dtype, device=W.device)
         indices = torch.empty(n, top_k, dtype=torch.int32, device=W.device)
@@ -342,40 +344,67 @@ class CrossLayerTranscoder(nn.Module):
         if k < top_k:
             values[:, k:] = 0
             indices[:, k:] = -1
-        rows = chunk_size or min(max(n, 1), max(32, (8 << 20) // (m * W.element_size()), enc.d_model // 4))
-        relu = self.config.activation == "relu"
-        # relu: with a positive threshold, "relu then zero what is < t" is "zero what is < t".
-        thr_only = relu and activation_threshold is not None and activation_threshold > 0
+        rows, cols = block_shape(n, m, W.element_size(), W.device, chunk_size)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            z = F.linear(self.preprocess(x[start:stop], layer), W, enc.b_enc)
-            if act_k is not None:
-                # TopK activation: the positives among the act_k largest z; keep the k largest of those.
-                top_z, top_i = z.topk(min(act_k, m), dim=-1)
-                top_z = top_z.clamp_min_(0)
-                if activation_threshold is not None:
-                    top_z = top_z.masked_fill_(top_z < activation_threshold, 0)
-                count = (top_z != 0).sum(-1)
-                top_z, top_i = top_z[:, :k], top_i[:, :k]
-            else:
-                if thr_only:
-                    z = z.masked_fill_(z < activation_threshold, 0)
-                elif relu:
-                    z = z.relu_()
-                else:
-                    z = z.mul_(z > enc.threshold)
-                    if activation_threshold is not None:
-                        z = z.masked_fill_(z < activation_threshold, 0)
-                # Count the non-zeros as a float sum of signs: vectorised, unlike a sum over a bool mask
-                # (exact: fp32 accumulation of 0/1 up to 2**24 features).
-                sign = z.sign() if relu else z.sign().abs_()
-                count = sign.sum(-1, dtype=torch.float32)
-                del sign
-                top_z, top_i = z.topk(k, dim=-1)
+            top_z, top_i, count = self._encode_rows(
+                self.preprocess(x[start:stop], layer), enc, cols, k, act_k, activation_threshold
+            )
             values[start:stop, :k] = top_z
             indices[start:stop, :k] = top_i.masked_fill_(top_z == 0, -1)
             l0[start:stop] = count
         return values, indices, l0
+
+    def _encode_rows(
+        self,
+        xp: torch.Tensor,
+        enc: LayerEncoder,
+        cols: int,
+        k: int,
+        act_k: int | None,
+        activation_threshold: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k (values, feature indices, active count) of preprocessed rows ``xp``, ``cols`` features at a time."""
+        m = enc.n_features
+        relu = self.config.activation == "relu"
+        # relu (and the TopK activation) keep the order of z: the top-k of the activations is the
+        # activated top-k of z, so they take the top-k of raw z and activate only those k. relu with a
+        # positive threshold t is "zero what is < t"; without one, "zero what is <= 0".
+        cut = activation_threshold if relu and activation_threshold is not None and activation_threshold > 0 else None
+        # The TopK activation keeps the act_k largest pre-activations: its candidates are raw z.
+        keep = act_k if act_k is not None else k
+        cand_z: list[torch.Tensor] = []
+        cand_i: list[torch.Tensor] = []
+        count: torch.Tensor | int = 0
+        for c0 in range(0, m, cols):
+            c1 = min(c0 + cols, m)
+            z = F.linear(xp, enc.W_enc[c0:c1], enc.b_enc[c0:c1])
+            if act_k is None and not relu:  # jumprelu
+                z = z.mul_(z > enc.threshold[c0:c1])
+                if activation_threshold is not None:
+                    z = z.masked_fill_(z < activation_threshold, 0)
+            top_z, top_i = z.topk(min(keep, c1 - c0), dim=-1)
+            if act_k is None:
+                # Count the active features with an in-place comparison and a float sum: vectorised,
+                # unlike a sum over a bool mask (exact: fp32 sums 0/1 up to 2**24 features).
+                active = z.ne_(0) if not relu else z.gt_(0) if cut is None else z.ge_(cut)
+                count = count + active.sum(-1, dtype=torch.float32)
+            del z
+            cand_z.append(top_z)
+            cand_i.append(top_i.add_(c0) if c0 else top_i)
+        if len(cand_z) > 1:
+            top_z, pos = torch.cat(cand_z, dim=-1).topk(keep, dim=-1)
+            top_i = torch.cat(cand_i, dim=-1).gather(-1, pos)
+        if relu:
+            top_z = top_z.clamp_min_(0) if cut is None else top_z.masked_fill_(top_z < cut, 0)
+        elif act_k is not None:
+            # TopK activation: the positives among the act_k largest z; keep the k largest of those.
+            top_z = top_z.clamp_min_(0)
+            if activation_threshold is not None:
+                top_z = top_z.masked_fill_(top_z < activation_threshold, 0)
+            count = (top_z != 0).sum(-1)
+            top_z, top_i = top_z[:, :k], top_i[:, :k]
+        return top_z, top_i, count  # type: ignore[return-value]
 
     def _check_input(self, x: torch.Tensor, layer: int) -> None:
         d = self.encoder(layer).d_model
@@ -462,6 +491,31 @@ class CrossLayerTranscoder(nn.Module):
             f"layers={c.layers}, d_model={c.d_model}, n_features={sorted(set(c.n_features))}, "
             f"activation={c.activation}, site={c.input_site}"
         )
+
+
+
+#: Bytes of one block of pre-activations in ``encode_sparse``: small enough to stay in a CPU's cache
+#: for the activation, count and top-k passes; large on accelerators, where each block is a launch.
+BLOCK_BYTES = {"cpu": 16 << 20}
+DEFAULT_BLOCK_BYTES = 256 << 20
+#: Rows per block on CPU when there are more: the encoder is streamed once per this many rows.
+BLOCK_ROWS = 1024
+
+
+def block_shape(
+    n: int, m: int, element_size: int, device: torch.device, rows: int | None = None
+) -> tuple[int, int]:
+    """``(rows, cols)`` of the pre-activation blocks ``encode_sparse`` uses for ``n`` rows and ``m`` features.
+
+    Rows: ``rows`` if given, else all ``n`` up to :data:`BLOCK_ROWS` (on CPU) or as many as fit the
+    block budget (elsewhere); columns: whatever else fits the budget (at least 256, at most ``m``).
+    """
+    budget = BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES)
+    if rows is None:
+        limit = BLOCK_ROWS if device.type == "cpu" else max(1, budget // (m * element_size))
+        rows = min(max(n, 1), limit)
+    cols = min(m, max(256, budget // (rows * element_size)))
+    return rows, cols
 
 
 def check_compatible(config: TranscoderConfig, d_model: int, n_layers: int, model_name: str | None = None) -> None:

@@ -8,7 +8,13 @@ import yaml
 from conftest import assert_features_match, random_transcoder, textbook_dense
 from safetensors.torch import load_file, save_file
 
-from sparse_clt_hf import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, TranscoderFormatError
+from sparse_clt_hf import (
+    CrossLayerTranscoder,
+    LayerEncoder,
+    TranscoderConfig,
+    TranscoderFormatError,
+    transcoder,
+)
 from sparse_clt_hf.errors import IncompatibleTranscoderError
 
 ACTS = [("relu", None), ("jumprelu", None), ("topk", 5)]
@@ -35,6 +41,33 @@ def test_encode_sparse_is_sorted_dense_topk(activation, k, chunk_size):
     assert torch.all(values[:, :-1] >= values[:, 1:]), "rows sorted descending"
     assert torch.all(values[indices < 0] == 0)
     assert_features_match(values, indices, l0, textbook_dense(tc, x, 1), 8)
+
+
+@pytest.mark.parametrize("activation,k", [("relu", None), ("jumprelu", None), ("topk", 40)])
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("rows", [None, 5])
+def test_feature_blocks_give_the_dense_topk(monkeypatch, activation, k, threshold, rows):
+    """A small block budget splits m=1000 into 256-feature blocks: the merged top-k and l0 stay exact."""
+    monkeypatch.setitem(transcoder.BLOCK_BYTES, "cpu", 256 * 4 * 4)
+    assert transcoder.block_shape(16, 1000, 4, torch.device("cpu")) == (16, 256)
+    tc = random_transcoder(widths=[1000, 1000, 1000], activation=activation, k=k)
+    x = torch.randn(16, 32) * 2
+    values, indices, l0 = tc.encode_sparse(x, 1, 24, activation_threshold=threshold, chunk_size=rows)
+    dense = textbook_dense(tc, x, 1)
+    if threshold is not None:
+        dense = torch.where(dense >= threshold, dense, torch.zeros_like(dense))
+    assert torch.all(values[:, :-1] >= values[:, 1:])
+    assert int(indices.max()) >= 256, "features beyond the first block are found"
+    assert_features_match(values, indices, l0, dense, 24)
+
+
+def test_block_shape_bounds():
+    cpu = torch.device("cpu")
+    rows, cols = transcoder.block_shape(4096, 8192, 4, cpu)
+    assert rows == transcoder.BLOCK_ROWS and rows * cols * 4 <= transcoder.BLOCK_BYTES["cpu"]
+    assert transcoder.block_shape(8, 8192, 4, cpu) == (8, 8192), "a decode step is one block"
+    assert transcoder.block_shape(100, 8192, 4, cpu, rows=7) == (7, 8192)
+    assert transcoder.block_shape(0, 64, 4, cpu) == (1, 64)
 
 
 def test_topk_activation_caps_l0_and_slots():
