@@ -403,6 +403,7 @@ class CLTAttachment:
                 self.flush()
                 self._commit_current()
             rec = self._current = _Record(batch, list(self.layers))
+            self._buffers.clear()  # decode buffers are per record: its batch, dtype and devices
             start, recorded = past, 0
         if skip == 0 and start < recorded:
             self.flush()
@@ -427,26 +428,25 @@ class CLTAttachment:
         self._pass = _Pass(rec, skip, new, buffered, new_mask, tokens, slot=self._buffer_slots if buffered else 0)
 
     def _on_site(self, layer: int, hidden: torch.Tensor) -> None:
-        # No no_grad context here (a hot path): the copy reads a detached tensor and encode_sparse
-        # runs under no_grad itself.
+        # A hot path (every layer of every decode step): no no_grad context (the copy reads a
+        # detached tensor and encode_sparse runs under no_grad itself), no per-step allocation.
         p = self._pass
         if p is None or layer in p.staged:
             return
-        batch = p.record.batch
-        h = hidden.detach()
+        h = hidden.detach() if hidden.requires_grad else hidden
         if h.ndim == 2:
-            h = h.view(batch, -1, h.shape[-1])
+            h = h.view(p.record.batch, -1, h.shape[-1])
         if p.skip:
             h = h[:, p.skip :]
-        enc = self.transcoder.encoders[str(layer)]
-        if enc.W_enc.device != h.device:  # the layer runs elsewhere than we guessed: move once
-            self.transcoder.encoders[str(layer)] = enc.converted(h.device, None, decoder=False)
         if p.buffered:
-            buf = self._buffer_for(layer, h)
-            buf[p.slot : p.slot + p.new].copy_(h.transpose(0, 1))
+            buf = self._buffers.get(layer)
+            if buf is None:
+                buf = self._new_buffer(layer, h)
+            buf[:, p.slot : p.slot + p.new].copy_(h)
             p.staged[layer] = ()
             return
-        d = h.shape[-1]
+        self._encoder_on(layer, h.device)
+        batch, d = h.shape[0], h.shape[-1]
         values, indices, l0 = self.transcoder.encode_sparse(
             h.reshape(-1, d),
             layer,
@@ -511,13 +511,19 @@ class CLTAttachment:
             self._window = max(1, min(MAX_WINDOW, by_rows, by_bytes))
         return self._window
 
-    def _buffer_for(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        batch, d = h.shape[0], h.shape[-1]
-        buf = self._buffers.get(layer)
-        shape = (self._window, batch, d)
-        if buf is None or tuple(buf.shape) != shape or buf.dtype != h.dtype or buf.device != h.device:
-            buf = self._buffers[layer] = torch.empty(shape, dtype=h.dtype, device=h.device)
+    def _new_buffer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """This record's decode buffer of ``layer``: [batch, window, d] on the layer's device, made once."""
+        self._encoder_on(layer, h.device)
+        buf = self._buffers[layer] = torch.empty(
+            (h.shape[0], self._window, h.shape[-1]), dtype=h.dtype, device=h.device
+        )
         return buf
+
+    def _encoder_on(self, layer: int, device: torch.device) -> None:
+        """Move ``layer``'s encoder to ``device`` if the layer runs elsewhere than we guessed (once)."""
+        enc = self.transcoder.encoders[str(layer)]
+        if enc.W_enc.device != device:
+            self.transcoder.encoders[str(layer)] = enc.converted(device, None, decoder=False)
 
     def _recorded(self, rec: _Record | None) -> int:
         """Positions of ``rec`` seen so far, encoded or still in the decode buffer."""
@@ -534,9 +540,9 @@ class CLTAttachment:
             return
         batch = rec.batch
         for layer in self.layers:
-            buf = self._buffers[layer][:n]
+            buf = self._buffers[layer][:, :n]
             values, indices, l0 = self.transcoder.encode_sparse(
-                buf.reshape(n * batch, -1),
+                buf.reshape(batch * n, -1),
                 layer,
                 self.top_k,
                 activation_threshold=self.activation_threshold,
@@ -544,9 +550,9 @@ class CLTAttachment:
             )
             rec.add(
                 layer,
-                values.view(n, batch, self.top_k).transpose(0, 1),
-                indices.view(n, batch, self.top_k).transpose(0, 1),
-                l0.view(n, batch).transpose(0, 1),
+                values.view(batch, n, self.top_k),
+                indices.view(batch, n, self.top_k),
+                l0.view(batch, n),
             )
         rec.length += n
         self._buffer_slots = 0
