@@ -492,6 +492,23 @@ def bench_scaling(model: torch.nn.Module, d: int, n_layers: int, s: Settings, ba
     return out
 
 
+def parse_sweeps(specs: list[str], known: dict[str, list[int]]) -> dict[str, list[int]]:
+    """``["width=2048,8192", "batch=1"]`` -> ``{"width": [2048, 8192], "batch": [1]}`` (axes of ``known``)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        axis, _, values = spec.partition("=")
+        axis = axis.strip().replace("-", "_")
+        if axis not in known:
+            raise SystemExit(f"--sweep {spec!r}: unknown axis {axis!r}; expected one of {', '.join(known)}")
+        try:
+            out[axis] = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--sweep {spec!r}: values must be integers, e.g. {axis}=1,8") from None
+        if not out[axis] or min(out[axis]) <= 0:
+            raise SystemExit(f"--sweep {spec!r}: give one or more positive integers, e.g. {axis}=1,8")
+    return out
+
+
 # ---------------------------------------------------------------------------- report
 def _fmt_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
     def cell(v: Any) -> str:
@@ -576,6 +593,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random-weight Gemma-2-2B (26 layers, d 2304) with m 16384; use with --device cuda")
     parser.add_argument("--quick", action="store_true", help="tiny random model, one repetition: a smoke test")
     parser.add_argument("--scaling", action="store_true", help="also run the scaling sweeps (slow)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="AXIS=V1,V2",
+                        help="with --scaling: sweep only these axes, over these values (repeatable; axes: "
+                             "layers, width, batch, new_tokens)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3; quick 1)")
     parser.add_argument("--only", default="w1,w2,w3,w4", help="comma-separated workloads to run (w1,w2,w3,w4)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -604,6 +624,8 @@ def run_bench(args: argparse.Namespace) -> int:
         s.kernel_shapes = [(2304, 16384)]
     if args.reps:
         s.reps = args.reps
+    if getattr(args, "sweep", None):
+        s.scaling = parse_sweeps(args.sweep, s.scaling)
     only = {w.strip() for w in args.only.split(",")}
     quiet = getattr(args, "json", False)
 

@@ -493,7 +493,6 @@ class CrossLayerTranscoder(nn.Module):
         )
 
 
-
 #: Bytes of one block of pre-activations in ``encode_sparse``: small enough to stay in a CPU's cache
 #: for the activation, count and top-k passes; large on accelerators, where each block is a launch.
 BLOCK_BYTES = {"cpu": 16 << 20}

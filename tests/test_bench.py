@@ -62,3 +62,19 @@ def test_cli_wires_bench(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.run_bench(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["w1"] == [] and len(report["w3"]) == 1
+
+
+def test_scaling_sweep_runs_the_chosen_axis(tmp_path) -> None:
+    out = tmp_path / "report.json"
+    rc = bench.main(["--quick", "--json", "--only", "none", "--scaling", "--sweep", "batch=1,2", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["scaling"]
+    assert [(r["axis"], r["value"], r["batch"]) for r in rows] == [("batch", 1, 1), ("batch", 2, 2)]
+    assert all(r["t_clt"] > 0 and "feature_bytes" in r for r in rows)
+
+
+@pytest.mark.parametrize("spec,message", [("depth=1,2", "unknown axis 'depth'"), ("width=a", "integers"),
+                                          ("batch=0", "positive")])
+def test_bad_sweep_is_named(spec: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        bench.parse_sweeps([spec], bench.Settings().scaling)
