@@ -43,3 +43,10 @@ def test_train_and_save(load_example, tmp_path):
     metrics = load_example("train_and_save").main(str(tmp_path / "clt"))
     assert (tmp_path / "clt" / "config.yaml").is_file()
     assert set(metrics["fvu"]) == {0, 1} and all(v < 1 for v in metrics["fvu"].values())
+
+
+def test_decode_memory(load_example, capsys):
+    results = load_example("decode_memory").main(["--quick", "--new", "4", "--width", "64"])
+    assert [r[0] for r in results] == ["plain", "attached", "plain", "attached"]
+    assert all(r[3] == 0 for r in results[::2]) and all(r[3] > 0 for r in results[1::2])
+    assert "peak RSS above start" in capsys.readouterr().out
