@@ -55,6 +55,7 @@ class LocalSource:
     """A transcoder in a local folder."""
 
     format_hint: str | None = None
+    activation_hint: dict[str, Any] | None = None  # registry {activation, k}: see formats.load_transcoder
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -187,6 +188,7 @@ class HubSource:
     """Files of a transcoder in a Hub repo (optionally a sub-folder), downloaded one at a time."""
 
     format_hint: str | None = None
+    activation_hint: dict[str, Any] | None = None  # registry {activation, k}: see formats.load_transcoder
 
     def __init__(
         self,
@@ -404,7 +406,8 @@ def open_source(
     """A FileSource for a registry name, a local folder, ``hf://org/repo/path`` or ``org/repo[/sub][@rev]``.
 
     Registry names win; their ``subfolder``/``revision``/``format`` are used (an explicit ``revision``
-    overrides the registry's). The returned source has ``format_hint`` set when the registry names one.
+    overrides the registry's). The returned source has ``format_hint`` set when the registry names one,
+    and ``activation_hint`` when it records the activation (and k) the authors' code uses.
     """
     from . import registry
 
@@ -420,6 +423,8 @@ def open_source(
             local_files_only=local_files_only,
         )
         src.format_hint = entry.format
+        hint = {key: value for key, value in (("activation", entry.activation), ("k", entry.k)) if value is not None}
+        src.activation_hint = hint or None
         return src
     path = Path(text).expanduser()
     if path.is_dir():

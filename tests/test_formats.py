@@ -522,3 +522,54 @@ def test_math_helpers_agree():
     x = x_input()
     ratio = ref_saelens_layer_norm(x, 0) / F.layer_norm(x, (D,), eps=0)
     torch.testing.assert_close(ratio, torch.full_like(ratio, math.sqrt((D - 1) / D)))
+
+
+def _write_circuit_tracer_plt(root: Path, n_layers: int = 2, m: int = 40, seed: int = 3) -> dict[int, dict]:
+    """A circuit-tracer transcoder_set whose config.yaml says nothing about the activation (like crv-8b)."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
+    }))
+    params = {}
+    for layer in range(n_layers):
+        params[layer] = {
+            "W_enc": torch.randn(m, D, generator=g) / math.sqrt(D), "b_enc": torch.randn(m, generator=g) * 0.1,
+            "W_dec": torch.randn(m, D, generator=g), "b_dec": torch.zeros(D),
+        }
+        save_file(params[layer], str(root / f"layer_{layer}.safetensors"))
+    return params
+
+
+def test_registry_activation_hint_gives_the_authors_topk(tmp_path):
+    """crv-8b style: the files imply ReLU, the registry (like circuit-tracer) says TopK k; the registry wins."""
+    params = _write_circuit_tracer_plt(tmp_path / "plt")
+    src = LocalSource(tmp_path / "plt")
+    assert load_transcoder(src).config.activation == "relu"
+    src.activation_hint = {"activation": "topk", "k": 5}
+    with pytest.warns(UserWarning, match="registry's activation 'topk'"):
+        tc = load_transcoder(src)
+    assert (tc.config.activation, tc.config.k) == ("topk", 5)
+    x = x_input()
+    z = x.double() @ params[1]["W_enc"].double().T + params[1]["b_enc"].double()
+    kth = z.sort(-1, descending=True).values[:, 4:5]
+    ref = torch.where((z >= kth) & (z > 0), z, torch.zeros_like(z))
+    values, indices, l0 = tc.encode_sparse(x, 1, 8)
+    assert torch.equal(l0, (ref > 0).sum(-1).int())
+    torch.testing.assert_close(values[:, :5].double(), ref.sort(-1, descending=True).values[:, :5], atol=1e-5, rtol=0)
+    assert torch.all(indices[:, 5:] == -1)
+
+
+def test_registry_jumprelu_hint_without_thresholds_is_named(tmp_path):
+    _write_circuit_tracer_plt(tmp_path / "plt")
+    src = LocalSource(tmp_path / "plt")
+    src.activation_hint = {"activation": "jumprelu"}
+    with pytest.raises(TranscoderFormatError, match="registry says activation 'jumprelu'.*no threshold"):
+        load_transcoder(src)
+
+
+def test_registry_entries_carry_their_activation_hint():
+    from sparse_clt_hf.hub import open_source
+
+    assert open_source("crv-8b-instruct-transcoders").activation_hint == {"activation": "topk", "k": 128}
+    assert open_source("clt-llama-3.2-1b-524k").activation_hint == {"activation": "jumprelu"}

@@ -7,10 +7,12 @@ lists files and fetches single files on demand, so a loader downloads only what 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import warnings
 from collections.abc import Iterable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TranscoderFormatError
 
@@ -68,4 +70,31 @@ def load_transcoder(
     extra = {"variant": variant} if variant is not None else {}
     tc = format_module(name).load(source, layer_list, decoders, **extra)
     tc.config.source_format = name
+    hint = getattr(source, "activation_hint", None)
+    if hint:
+        apply_activation_hint(tc, hint, source.name)
     return tc
+
+
+def apply_activation_hint(tc: CrossLayerTranscoder, hint: dict[str, Any], name: str) -> None:
+    """Use the activation (and k) the registry records for a release whose files do not say it.
+
+    Some releases rely on their authors' code for it (circuit-tracer runs facebook/crv-8b-instruct-transcoders
+    as TopK with k 128 whatever its config.yaml says), so the registry's values win; a value the files stated
+    differently is named in a warning. JumpReLU is only applied where every layer has thresholds.
+    """
+    config = tc.config
+    activation = hint.get("activation", config.activation)
+    k = hint.get("k", config.k)
+    if activation == "jumprelu" and any(tc.encoder(layer).threshold is None for layer in tc.layers):
+        raise TranscoderFormatError(
+            f"{name}: the registry says activation 'jumprelu' but the files have no threshold tensor for every "
+            "layer; pass format= or load the folder directly to read it as stored"
+        )
+    if activation != config.activation or (config.k is not None and k != config.k):
+        warnings.warn(
+            f"{name}: using the registry's activation {activation!r} (k={k}), what the authors' code runs, "
+            f"instead of what the files give or imply (activation {config.activation!r}, k={config.k})",
+            stacklevel=3,
+        )
+    tc.config = dataclasses.replace(config, activation=activation, k=k)
