@@ -610,7 +610,12 @@ def describe(source: FileSource, format: str | None = None, variant: str | None 
     fn = getattr(module, "describe", None) or _DESCRIBERS.get(name)
     if fn is not None:
         desc = fn(source, variant=variant) if variant is not None else fn(source)
-        return Description.from_format_dict(source.name, name, desc) if isinstance(desc, dict) else desc
+        desc = Description.from_format_dict(source.name, name, desc) if isinstance(desc, dict) else desc
+        hint = getattr(source, "activation_hint", None)
+        if hint and (hint.get("activation", desc.activation), hint.get("k", desc.k)) != (desc.activation, desc.k):
+            desc.activation, desc.k = hint.get("activation", desc.activation), hint.get("k", desc.k)
+            desc.notes.append("activation and k from the registry (what the authors' code runs)")
+        return desc
     from .formats import load_transcoder
 
     tc = load_transcoder(source, format=name, **({"variant": variant} if variant else {}))

@@ -573,3 +573,14 @@ def test_registry_entries_carry_their_activation_hint():
 
     assert open_source("crv-8b-instruct-transcoders").activation_hint == {"activation": "topk", "k": 128}
     assert open_source("clt-llama-3.2-1b-524k").activation_hint == {"activation": "jumprelu"}
+
+
+def test_describe_reports_the_registry_activation(tmp_path):
+    from sparse_clt_hf.hub import describe
+
+    _write_circuit_tracer_plt(tmp_path / "plt")
+    src = LocalSource(tmp_path / "plt")
+    assert describe(src).activation == "relu"
+    src.activation_hint = {"activation": "topk", "k": 128}
+    desc = describe(src)
+    assert (desc.activation, desc.k) == ("topk", 128) and any("registry" in n for n in desc.notes)
