@@ -50,10 +50,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float, int]]:
         peak = bench.peak_rss_bytes() - before
         kept = 0
         if att is not None:
-            f = att.features
-            kept = sum(t.numel() * t.element_size() for t in (f.values, f.indices, f.l0, f.mask, f.token_ids) if t is not None)
+            kept = att.features.nbytes
             att.detach()
-            del f
         name = "attached" if attached else "plain"
         print(f"{name:8s} {seconds:6.1f} s  peak RSS above start {peak / 2**20:6.1f} MiB  features {kept / 2**20:.2f} MiB")
         results.append((name, seconds, peak, kept))

@@ -329,7 +329,7 @@ def _decode_memory(model: torch.nn.Module, tc: CrossLayerTranscoder, inputs: dic
             _generate(model, inputs, new)
         if att is not None:
             feats = att.features
-            feature_bytes = _nbytes(feats.values, feats.indices, feats.l0, feats.mask, feats.token_ids)
+            feature_bytes = feats.nbytes
             att.detach()
             del feats
         peaks[name] = _mem_peak(device) - before
@@ -379,8 +379,8 @@ def bench_prefill(args: argparse.Namespace, model: torch.nn.Module, width: int, 
     a, b = results["clt"], results["hidden_states"]
     return {
         "length": s.prefill, "width": width, "top_k": s.top_k,
-        "method": "peak RSS above pre-forward RSS, fresh process (glibc mmap threshold 64 KiB), random weights" if args.device == "cpu"
-        and not args.quick else "peak RSS above pre-forward RSS, in-process (quick mode)" if args.device == "cpu"
+        "method": "peak RSS above pre-forward RSS, fresh process (glibc mmap threshold 64 KiB), random weights"
+        if args.device == "cpu" and not args.quick else "peak RSS above pre-forward RSS, in-process (quick mode)" if args.device == "cpu"
         else "torch.cuda.max_memory_allocated above memory_allocated before the forward",
         "clt": a, "hidden_states": b,
         "bytes_kept_ratio": b["bytes_kept"] / max(1, a["bytes_kept"]),
@@ -403,7 +403,7 @@ def prefill_variant(model: torch.nn.Module, variant: str, width: int, length: in
             with attach_clt(model, tc, top_k=top_k) as att:
                 model(**inputs, logits_to_keep=1)
                 feats = att.features
-            kept = _nbytes(feats.values, feats.indices, feats.l0, feats.mask, feats.token_ids)
+            kept = feats.nbytes
         else:
             out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
             hidden = out.hidden_states

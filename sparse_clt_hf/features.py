@@ -54,6 +54,12 @@ class Features:
     def k(self) -> int:
         return self.indices.shape[3]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the feature tensors (values, indices, l0, mask, token ids)."""
+        tensors = (self.values, self.indices, self.l0, self.mask, self.token_ids)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def __len__(self) -> int:
         return self.num_positions
 

@@ -603,7 +603,7 @@ def describe(source: FileSource, format: str | None = None, variant: str | None 
     """Describe ``source`` without loading weights where its format allows (else from its encoders).
 
     ``variant`` picks one of several transcoders per layer (e.g. a Gemma Scope L0 folder)."""
-    from .formats import detect_format, format_module
+    from .formats import detect_format, format_module, hinted_activation
 
     name = format or getattr(source, "format_hint", None) or detect_format(source)
     module = format_module(name)
@@ -612,8 +612,9 @@ def describe(source: FileSource, format: str | None = None, variant: str | None 
         desc = fn(source, variant=variant) if variant is not None else fn(source)
         desc = Description.from_format_dict(source.name, name, desc) if isinstance(desc, dict) else desc
         hint = getattr(source, "activation_hint", None)
-        if hint and (hint.get("activation", desc.activation), hint.get("k", desc.k)) != (desc.activation, desc.k):
-            desc.activation, desc.k = hint.get("activation", desc.activation), hint.get("k", desc.k)
+        hinted = hinted_activation(hint, desc.activation, desc.k) if hint else None
+        if hinted is not None and hinted != (desc.activation, desc.k):
+            desc.activation, desc.k = hinted
             desc.notes.append("activation and k from the registry (what the authors' code runs)")
         return desc
     from .formats import load_transcoder

@@ -307,6 +307,9 @@ def test_features_save_load(tmp_path):
     assert back.layers == feats.layers and back.n_features == feats.n_features
     for name in ("indices", "values", "l0", "mask", "token_ids"):
         assert torch.equal(getattr(back, name), getattr(feats, name))
+    B, T, L, K = feats.indices.shape
+    # values fp32 + indices int32 (4 bytes each per slot), l0 int32, mask bool, token ids int64
+    assert feats.nbytes == B * T * L * K * 8 + B * T * L * 4 + B * T + B * T * 8
 
 
 def test_bad_input_errors():

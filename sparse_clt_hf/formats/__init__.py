@@ -76,6 +76,11 @@ def load_transcoder(
     return tc
 
 
+def hinted_activation(hint: dict[str, Any], activation: str, k: int | None) -> tuple[str, int | None]:
+    """``(activation, k)`` with the registry's values (``hint``) in place of the files' where it gives them."""
+    return hint.get("activation", activation), hint.get("k", k)
+
+
 def apply_activation_hint(tc: CrossLayerTranscoder, hint: dict[str, Any], name: str) -> None:
     """Use the activation (and k) the registry records for a release whose files do not say it.
 
@@ -84,8 +89,7 @@ def apply_activation_hint(tc: CrossLayerTranscoder, hint: dict[str, Any], name: 
     differently is named in a warning. JumpReLU is only applied where every layer has thresholds.
     """
     config = tc.config
-    activation = hint.get("activation", config.activation)
-    k = hint.get("k", config.k)
+    activation, k = hinted_activation(hint, config.activation, config.k)
     if activation == "jumprelu" and any(tc.encoder(layer).threshold is None for layer in tc.layers):
         raise TranscoderFormatError(
             f"{name}: the registry says activation 'jumprelu' but the files have no threshold tensor for every "
