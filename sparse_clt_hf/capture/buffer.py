@@ -1,0 +1,117 @@
+"""The decode buffer: a static ``[batch, window, d]`` tensor per layer, encoded one window at a time.
+
+Decode steps add one position per pass; encoding each alone would read every encoder matrix once
+per token. Site hooks instead copy the activation into this buffer and :meth:`DecodeBuffer.flush`
+encodes a whole window in one batched call per layer.
+
+Two ways in, one buffer:
+
+- eager passes write at a Python slot (``buf[:, slot:slot + n].copy_(h)``);
+- compiled passes (``torch.compile``, CUDA graphs) run no Python per pass, so they write at the
+  column held by a device counter (``index_copy_`` at ``pos % window``) and advance it in place.
+  The tensors are made once per batch shape and marked as static addresses, so a compiled decode
+  step neither recompiles nor copies them; Python accounts for those steps between passes.
+
+Every pass advances the device counter; a flush compares it with the positions Python accounted
+for and raises a device-side flag on a mismatch (a pass the hooks never saw, a window overrun),
+read once when the call ends: no host read per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AlignmentError
+
+
+class DecodeBuffer:
+    """Per-layer static buffers and the per-device position counters that compiled passes use."""
+
+    def __init__(self, layers: list[int], devices: dict[int, torch.device], dtype: torch.dtype, d: int) -> None:
+        self.layers = list(layers)
+        self.devices = dict(devices)
+        self.dtype = dtype
+        self.d = d
+        self.bufs: dict[int, torch.Tensor] = {}
+        self.batch = 0
+        self.window = 0
+        self.slots = 0  # positions Python accounted for since the last flush
+        dev_set = {str(dev): dev for dev in self.devices.values()}
+        self.pos = {k: torch.zeros(1, dtype=torch.long, device=dev) for k, dev in dev_set.items()}
+        self.bad = {k: torch.zeros(1, dtype=torch.bool, device=dev) for k, dev in dev_set.items()}
+        self._ar: dict[str, torch.Tensor] = {}
+        for t in (*self.pos.values(), *self.bad.values()):
+            _mark_static(t)
+
+    def ensure(self, batch: int, window: int) -> None:
+        """Buffers for ``batch`` rows and at least ``window`` positions; the same tensors if they fit
+        (a compiled step keeps the addresses it was compiled with)."""
+        if self.bufs and self.batch == batch and self.window >= window:
+            return
+        if self.slots:
+            raise AlignmentError("internal: the decode buffer was resized while it held unencoded positions")
+        self.batch, self.window = batch, window
+        self.bufs = {
+            layer: torch.zeros((batch, window, self.d), dtype=self.dtype, device=self.devices[layer]) for layer in self.layers
+        }
+        self._ar = {k: torch.arange(window, device=p.device) for k, p in self.pos.items()}
+        for t in (*self.bufs.values(), *self._ar.values()):
+            _mark_static(t)
+        for p in self.pos.values():
+            p.zero_()
+
+    # ------------------------------------------------------------------ writes
+    def write(self, layer: int, h: torch.Tensor, slot: int) -> None:
+        """Eager pass: ``h`` [batch, n, d] into positions ``slot..slot+n``."""
+        self.bufs[layer][:, slot : slot + h.shape[1]].copy_(h)
+
+    def write_graph(self, layer: int, h: torch.Tensor) -> None:
+        """Compiled pass: ``h`` into the columns the device counter points at (tensor ops only)."""
+        buf = self.bufs[layer]
+        if h.ndim == 2:
+            h = h.view(buf.shape[0], -1, h.shape[-1])
+        key = str(buf.device)
+        cols = (self.pos[key] + self._ar[key][: h.shape[1]]) % buf.shape[1]
+        buf.index_copy_(1, cols, h.to(buf.dtype))
+
+    def advance(self, n: int) -> None:
+        """After a pass wrote ``n`` positions into every layer's buffer (eager or compiled)."""
+        for p in self.pos.values():
+            p.add_(n)
+
+    # ------------------------------------------------------------------ reads
+    def take(self, n: int) -> dict[int, torch.Tensor]:
+        """The first ``n`` buffered positions of every layer, and reset for the next window.
+
+        Checks (on the device, no host read) that exactly ``n`` positions were written."""
+        out = {layer: buf[:, :n] for layer, buf in self.bufs.items()}
+        for key, p in self.pos.items():
+            self.bad[key].logical_or_(p != n)
+        return out
+
+    def reset_counters(self) -> None:
+        for p in self.pos.values():
+            p.zero_()
+        self.slots = 0
+
+    def check(self, what: str) -> None:
+        """Raise if any flush saw a different number of written positions than accounted (one host read)."""
+        if any(bool(b) for b in self.bad.values()):
+            for b in self.bad.values():
+                b.zero_()
+            raise AlignmentError(
+                f"{what}: a forward pass ran that the attachment could not follow (the site hooks and the "
+                "step accounting disagree on the number of positions), so its features cannot be aligned"
+            )
+
+    def written(self) -> int:
+        """Positions the hooks wrote since the last flush (a host read; for checks outside the hot path)."""
+        return int(next(iter(self.pos.values())).item()) if self.pos else 0
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    """Tell dynamo the tensor keeps its address, so CUDA graphs write into it rather than a copy."""
+    try:
+        torch._dynamo.mark_static_address(t)
+    except Exception:  # older torch or a backend without it: correctness does not depend on it
+        pass

@@ -1,0 +1,99 @@
+"""Which token positions an eager forward pass adds to a record.
+
+Everything here reads what the decoder stack receives (input ids or embeddings, the cache, the
+attention mask) and decides, in Python, where the pass's positions go: the next positions of the
+current record (prefill, decode step, chunked prefill), only the new tail of a recomputed prefix
+(``use_cache=False``), a rollback (assisted decoding rejected draft tokens), or a new record. The
+cache length comes from ``get_seq_length()``, which on transformers 5.x is a Python int for every
+cache type (no device read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """What the stack saw: batch, input positions, cached positions before them, token ids if any."""
+
+    batch: int
+    length: int
+    past: int
+    ids: torch.Tensor | None
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a pass goes. ``start``: first record position it writes; ``skip``: leading input
+    positions already recorded (recomputed prefix); ``new_record``: it starts a new record."""
+
+    start: int
+    skip: int
+    new_record: bool
+
+
+def input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point():
+        ids = args[0]
+    return ids
+
+
+def past_length(kwargs: dict[str, Any]) -> int:
+    """Positions already in the cache the stack was given (0 without one)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    getter = getattr(cache, "get_seq_length", None)
+    if getter is not None:
+        return int(getter())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def pass_shape(args: tuple, kwargs: dict[str, Any], caller_ids: torch.Tensor | None) -> PassShape | None:
+    """The shape of a stack pass, or ``None`` for a pass that carries no token positions."""
+    ids = input_ids(args, kwargs)
+    embeds = kwargs.get("inputs_embeds")
+    if ids is None and caller_ids is not None and embeds is not None and caller_ids.shape == embeds.shape[:2]:
+        ids = caller_ids  # multimodal models pass embeddings to the text stack
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    return PassShape(ref.shape[0], ref.shape[1], past_length(kwargs), ids, ref.device)
+
+
+def place(shape: PassShape, batch: int | None, recorded: int, in_call: bool) -> Placement:
+    """Where a pass of ``shape`` goes, given the current record's batch and recorded positions."""
+    same = batch == shape.batch
+    if same and shape.past > 0:
+        return Placement(shape.past, 0, False)
+    if same and shape.past == 0 and in_call and shape.length > recorded > 0:
+        return Placement(0, recorded, False)  # use_cache=False: the prefix is recomputed
+    return Placement(shape.past, 0, True)
+
+
+def new_positions_mask(kwargs: dict[str, Any], batch: int, length: int, new: int, device: torch.device) -> torch.Tensor:
+    """Mask [batch, new] of the pass's last ``new`` positions (False on padding)."""
+    mask = kwargs.get("attention_mask")
+    if torch.is_tensor(mask) and mask.ndim == 2 and mask.shape[0] == batch and mask.shape[1] >= length:
+        return mask[:, mask.shape[1] - new :].bool()
+    return torch.ones(batch, new, dtype=torch.bool, device=device)
+
+
+def generated_mask(prompt_mask: torch.Tensor, start: int, new: int) -> torch.Tensor:
+    """Mask [batch, new] of positions ``start..start+new`` of a generate call: the prompt's mask where
+    they lie in the prompt, True after it (generate attends to every generated token). Used instead
+    of what the stack receives, which a static cache turns into a 4-D mask."""
+    batch, prompt = prompt_mask.shape
+    mask = torch.ones(batch, new, dtype=torch.bool, device=prompt_mask.device)
+    if start < prompt:
+        upto = min(start + new, prompt)
+        mask[:, : upto - start] = prompt_mask[:, start:upto].bool()
+    return mask

@@ -1,0 +1,208 @@
+"""The generate tap: wraps ``model.generate`` once per model and tells every listener where calls begin,
+where each decoding step ends, and where calls end.
+
+It refuses what cannot be aligned before anything runs (beam search, from any source: a keyword, a
+``GenerationConfig`` passed by keyword or position, the model's default), adds one logits processor
+whose call after every step lets listeners account for compiled decode steps (Python runs there,
+outside any compiled region), and checks at the end that every row has one recorded position per
+input token: ``sequences.shape[1] - 1``. One generate call at a time per model: a second one started
+from another thread while the first runs is refused at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from ..errors import AlignmentError
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What is known about a generate call before it runs."""
+
+    batch: int | None  # rows of the output (input rows x num_return_sequences)
+    prompt: int | None  # prompt length (None when only embeddings were passed)
+    compiled_call: bool  # the whole model call is compiled (``model.compile()``): prefill runs compiled too
+    mask: torch.Tensor | None = None  # the prompt's attention mask [batch, prompt], rows repeated as generate does
+
+
+class CallListener(Protocol):
+    def begin_call(self, info: CallInfo) -> None: ...
+
+    def on_step_end(self, sequences: torch.Tensor) -> None: ...
+
+    def end_call(self, expected: int | None, what: str) -> None: ...
+
+    def abort_call(self) -> None: ...
+
+
+class _StepEnd(LogitsProcessor):
+    """Called by generate after every forward pass, with the sequences so far; changes nothing."""
+
+    def __init__(self, tap: GenerateTap) -> None:
+        self.tap = tap
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for listener in self.tap.active:
+            listener.on_step_end(input_ids)
+        return scores
+
+
+class GenerateTap:
+    """Wraps ``model.generate`` (once per model, shared by all attachments) and calls the listeners."""
+
+    ATTR = "_sparse_clt_generate_tap"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.listeners: list[CallListener] = []
+        self.active: list[CallListener] = []
+        self.lock = threading.Lock()
+        self.original = model.generate  # bound method (class attribute)
+        self.had_instance_attr = "generate" in model.__dict__
+        self.saved_instance_attr = model.__dict__.get("generate")
+        self.signature = inspect.signature(self.original)
+
+        @functools.wraps(self.original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self.run(args, kwargs)
+
+        model.generate = generate  # type: ignore[method-assign]
+
+    def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return self.original(*args, **kwargs)  # let generate report its own argument error
+        arguments = dict(bound.arguments)
+        extra = arguments.pop(_var_keyword(self.signature), {}) or {}
+        arguments.update(extra)
+        _refuse_beams(self.model, arguments)
+        if not self.lock.acquire(blocking=False):
+            raise AlignmentError(
+                "this model is already running generate() in another thread; an attached model records one "
+                "call at a time (use one model per thread, or serialise the calls)"
+            )
+        try:
+            listeners = self.active = list(self.listeners)
+            info = _call_info(self.model, arguments)
+            if not _assisted(self.model, arguments):
+                # (assisted decoding hands the processors to the assistant's generate too, and it runs
+                # eagerly: its passes account for themselves)
+                processors = LogitsProcessorList(arguments.get("logits_processor") or [])
+                processors.append(_StepEnd(self))
+                arguments["logits_processor"] = processors
+            started: list[CallListener] = []
+            try:
+                for listener in listeners:
+                    listener.begin_call(info)
+                    started.append(listener)
+                out = self.original(**arguments)
+            except BaseException:
+                for listener in started:
+                    listener.abort_call()
+                raise
+            sequences = out if torch.is_tensor(out) else getattr(out, "sequences", None)
+            expected = None
+            if info.prompt is not None and torch.is_tensor(sequences):
+                expected = sequences.shape[1] - 1
+            errors = []
+            for listener in listeners:
+                try:
+                    listener.end_call(expected, "generate()")
+                except AlignmentError as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+            return out
+        finally:
+            self.active = []
+            self.lock.release()
+
+    @classmethod
+    def join(cls, model: nn.Module, listener: CallListener) -> None:
+        tap = model.__dict__.get(cls.ATTR)
+        if tap is None:
+            tap = cls(model)
+            model.__dict__[cls.ATTR] = tap
+        tap.listeners.append(listener)
+
+    @classmethod
+    def leave(cls, model: nn.Module, listener: CallListener) -> None:
+        tap = model.__dict__.get(cls.ATTR)
+        if tap is None:
+            return
+        if listener in tap.listeners:
+            tap.listeners.remove(listener)
+        if not tap.listeners:
+            if tap.had_instance_attr:
+                model.generate = tap.saved_instance_attr  # type: ignore[method-assign]
+            else:
+                model.__dict__.pop("generate", None)
+            del model.__dict__[cls.ATTR]
+
+
+def _var_keyword(sig: inspect.Signature) -> str:
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return p.name
+    return "kwargs"
+
+
+def _generation_config(model: nn.Module, arguments: dict[str, Any]) -> GenerationConfig | None:
+    config = arguments.get("generation_config")
+    if isinstance(config, GenerationConfig):
+        return config
+    return getattr(model, "generation_config", None)
+
+
+def _setting(model: nn.Module, arguments: dict[str, Any], name: str, default: Any) -> Any:
+    """A generation setting as generate resolves it: keyword, then the config passed, then the model's."""
+    if arguments.get(name) is not None:
+        return arguments[name]
+    config = _generation_config(model, arguments)
+    value = getattr(config, name, None) if config is not None else None
+    return default if value is None else value
+
+
+def _refuse_beams(model: nn.Module, arguments: dict[str, Any]) -> None:
+    beams = _setting(model, arguments, "num_beams", 1)
+    if isinstance(beams, int) and beams > 1:
+        raise AlignmentError(
+            f"beam search (num_beams={beams}) reorders rows at every step, so features could not be "
+            "aligned with the returned sequences; use greedy or sampling, or detach the transcoder"
+        )
+
+
+def _assisted(model: nn.Module, arguments: dict[str, Any]) -> bool:
+    """Whether a candidate generator (an assistant model, prompt lookup, early exit) drafts tokens."""
+    if arguments.get("assistant_model") is not None:
+        return True
+    return any(_setting(model, arguments, name, None) for name in ("prompt_lookup_num_tokens", "assistant_early_exit"))
+
+
+def _call_info(model: nn.Module, arguments: dict[str, Any]) -> CallInfo:
+    ids = arguments.get("input_ids")
+    if ids is None and torch.is_tensor(arguments.get("inputs")) and not arguments["inputs"].is_floating_point():
+        ids = arguments["inputs"]
+    if ids is None or ids.ndim != 2:
+        return CallInfo(None, None, _call_is_compiled(model))
+    repeats = int(_setting(model, arguments, "num_return_sequences", 1) or 1)
+    mask = arguments.get("attention_mask")
+    if torch.is_tensor(mask) and mask.shape == ids.shape:
+        mask = mask.repeat_interleave(repeats, dim=0) if repeats > 1 else mask
+    else:
+        mask = None
+    return CallInfo(ids.shape[0] * repeats, ids.shape[1], _call_is_compiled(model), mask)
+
+
+def _call_is_compiled(model: nn.Module) -> bool:
+    return getattr(model, "_compiled_call_impl", None) is not None

@@ -1,0 +1,151 @@
+"""Every generation mode records every position, exactly, or raises: static cache, compiled decoding
+(a compiled ``model.forward``, transformers' own compiled decode step, ``model.compile()``), and a pass
+the hooks never saw. The reference is the one of test_attach: plain hooks on a forward over the final
+sequences, dense textbook encode, sort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_transcoder
+from test_attach import TOP_K, check_against_reference, full_mask, prompts
+from tiny_models import tiny_model
+from transformers import CompileConfig
+
+from sparse_clt_hf import AlignmentError, attach_clt
+
+
+def _compile_config() -> CompileConfig:
+    """transformers' automatic compile of the decode step, also on CPU (it targets CUDA by default)."""
+    cfg = CompileConfig(backend="aot_eager", fullgraph=True, dynamic=False, mode=None)
+    cfg._compile_all_devices = True
+    return cfg
+
+
+@pytest.fixture
+def no_recompile():
+    """Inside: any dynamo recompile is an error."""
+    import torch._dynamo
+
+    yield lambda: setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_static_cache_records_every_decode_step(arch):
+    model = tiny_model(arch)
+    ids, mask = prompts()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        out, feats = clt.generate(**kw)
+    assert torch.equal(out, plain)
+    assert feats.num_positions == out.shape[1] - 1
+    check_against_reference(feats, model, arch, tc, out, full_mask(out, mask))
+
+
+@pytest.mark.slow
+def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+        try:
+            first, f1 = clt.generate(**kw)
+            no_recompile()
+            second, f2 = clt.generate(**kw)
+            # a plain forward through the compiled forward is recorded too (other kwargs: compiled anew)
+            torch._dynamo.config.error_on_recompile = False
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            f3 = clt.calls[-1]
+        finally:
+            del model.forward
+    for out, feats in ((first, f1), (second, f2)):
+        assert torch.equal(out, plain)
+        check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+    check_against_reference(f3, model, "llama", tc, ids, mask)
+
+
+@pytest.mark.slow
+def test_transformers_compiled_decode_step_compiles_once(no_recompile):
+    """generate(cache_implementation="static") compiles the decode step (on CUDA by default; here on CPU)."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=7,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=_compile_config(),
+    )
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K, window=3) as a, attach_clt(model, tc, top_k=TOP_K, layers=[1]) as b:
+        out1, fa1 = a.generate(**kw)
+        no_recompile()
+        out2, fa2 = a.generate(**kw)
+        fb = b.calls
+    for out, feats in ((out1, fa1), (out2, fa2), (out1, fb[0]), (out2, fb[1])):
+        assert torch.equal(out, plain)
+        assert feats.num_positions == out.shape[1] - 1
+        check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
+@pytest.mark.slow
+def test_compiled_decode_with_on_step_and_num_return_sequences():
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=True,
+        num_return_sequences=2,
+        cache_implementation="static",
+        compile_config=_compile_config(),
+    )
+    tc = random_transcoder()
+    steps = []
+    torch.manual_seed(0)
+    with attach_clt(model, tc, top_k=TOP_K, on_step=steps.append) as clt:
+        out, feats = clt.generate(**kw)
+    assert feats.num_positions == out.shape[1] - 1 and feats.batch_size == 4
+    assert [s.num_positions for s in steps] == [ids.shape[1]] + [1] * 3
+    assert torch.equal(torch.cat([s.indices for s in steps], dim=1), feats.indices)
+    full = full_mask(out, mask.repeat_interleave(2, dim=0))
+    check_against_reference(feats, model, "llama", tc, out, full)
+
+
+def test_a_pass_the_hooks_never_saw_raises():
+    """A decode step that bypasses the decoder stack's hooks is an AlignmentError, never fewer positions."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    tc = random_transcoder()
+    stack = model.model
+    real_call = type(stack).__call__
+    calls = {"n": 0}
+
+    class Sneaky(type(stack)):
+        def __call__(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the second decode step runs without any hook
+                return self.forward(*args, **kwargs)
+            return real_call(self, *args, **kwargs)
+
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        stack.__class__ = Sneaky
+        try:
+            with pytest.raises(AlignmentError, match="could not follow|did not see"):
+                clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        finally:
+            stack.__class__ = Sneaky.__mro__[1]
+        assert clt.calls == []  # nothing half-recorded is reported
+        out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
