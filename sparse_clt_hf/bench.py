@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .bench_workloads import (  # noqa: F401  (Settings, QUICK, random_transcoder: re-exported)
+from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the rss helpers: re-exported)
     GEMMA2_2B_CONFIG,
     QUICK,
     SMOLLM2_CONFIG,
@@ -47,7 +47,10 @@ from .bench_workloads import (  # noqa: F401  (Settings, QUICK, random_transcode
     bench_kernel,
     bench_prefill,
     bench_scaling,
+    peak_rss_bytes,
     random_transcoder,
+    reset_peak_rss,
+    rss_bytes,
 )
 from .models import SMOLLM2_GGUF, random_model, smollm2_gguf
 from .sites import find_decoder_layers, hidden_size

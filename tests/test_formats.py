@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from sparse_clt_hf.errors import TranscoderFormatError
 from sparse_clt_hf.formats import detect_format, format_module
-from sparse_clt_hf.loading import load_transcoder
 from sparse_clt_hf.hub import LocalSource
+from sparse_clt_hf.loading import load_transcoder
 
 D, M = 16, 48
 

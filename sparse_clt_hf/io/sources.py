@@ -101,7 +101,10 @@ class LocalSource:
         return full.stat().st_size if full.is_file() else None
 
     def header(self, path: str) -> Header:
-        return read_safetensors_header(self.fetch(path), f"{self.name}/{path}")
+        full = self.root / path
+        if not full.is_file():
+            raise TranscoderFormatError(f"{self.name}: missing file {path!r}")
+        return read_safetensors_header(full, f"{self.name}/{path}")
 
     def sub(self, folder: str) -> LocalSource:
         return LocalSource(self.root / folder)
