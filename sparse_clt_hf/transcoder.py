@@ -287,7 +287,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Save in the native layout with a model card and upload it (see :func:`sparse_clt_hf.io.push.push_to_hub`)."""
-        return push_to_hub(self.save_pretrained, repo_id, **kwargs)
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _encoder_map(self) -> dict[int, LayerEncoder]:
         return {layer: self.encoder(layer) for layer in self.layers}

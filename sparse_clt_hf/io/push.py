@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..formats import describe
 from .model_card import model_card_text
 from .sources import LocalSource, hub_endpoint
+
+
+class SavesPretrained(Protocol):
+    """Anything that writes a native transcoder folder (a ``CrossLayerTranscoder``)."""
+
+    def save_pretrained(self, directory: str | Path) -> Any: ...
 
 
 def push_folder(
@@ -54,7 +59,7 @@ def _hidden(rel: Path) -> bool:
 
 
 def push_to_hub(
-    save: Callable[[Path], Any],
+    tc: SavesPretrained,
     repo_id: str,
     *,
     private: bool | None = None,
@@ -63,10 +68,9 @@ def push_to_hub(
     token: str | bool | None = None,
     license: str | None = None,
 ) -> str:
-    """Upload what ``save(folder)`` writes (a native transcoder folder, e.g. ``tc.save_pretrained``) to
-    ``repo_id`` with a model card; the commit URL."""
+    """Save ``tc`` in the native layout with a model card and upload it to ``repo_id``; the commit URL."""
     with tempfile.TemporaryDirectory(prefix="sparse-clt-push-") as tmp:
-        save(Path(tmp))
+        tc.save_pretrained(tmp)
         return push_folder(
             tmp,
             repo_id,
