@@ -192,3 +192,48 @@ def test_an_activation_is_a_class_and_a_table_entry(tmp_path, monkeypatch):
     back = CrossLayerTranscoder.from_pretrained(tc.save_pretrained(tmp_path / "native"))
     assert back.config.activation == "relu_squared"
     torch.testing.assert_close(back.encode(x, 1), dense)
+
+
+# ---------------------------------------------------------------------- the load path and stats
+def test_load_for_model_detects_and_describes_once(tmp_path, monkeypatch):
+    from tiny_models import tiny_model
+
+    from sparse_clt_hf import formats
+    from sparse_clt_hf.loading import load_for_model
+
+    folder = random_transcoder(d=32, layers=(0, 1, 2), seed=2).save_pretrained(tmp_path / "tc")
+    calls: list[str] = []
+    ct = formats.FORMATS["circuit_tracer"]
+
+    class Counting:
+        NAME, DESCRIPTION = ct.NAME, ct.DESCRIPTION
+
+        def detect(self, source):
+            calls.append("detect")
+            return ct.detect(source)
+
+        def describe(self, source, layers=None, *, variant=None):
+            calls.append(f"describe {layers}")
+            return ct.describe(source, layers, variant=variant)
+
+        def load(self, source, layers, decoders, *, variant=None):
+            calls.append(f"load {layers} {decoders}")
+            return ct.load(source, layers, decoders, variant=variant)
+
+    monkeypatch.setitem(formats.FORMATS, "circuit_tracer", Counting())
+    tc = load_for_model(folder, tiny_model("llama"), layers=[2, 1])
+    assert tc.layers == [1, 2]
+    assert calls == ["detect", "describe [1, 2]", "load [1, 2] False"]
+
+
+def test_encode_stats_count_calls_rows_and_time():
+    from sparse_clt_hf.stats_counter import EncodeStats
+
+    stats = EncodeStats()
+    tc = random_transcoder(d=16, layers=(0,), widths=[32])
+    encode = stats.timed(tc.encode_sparse)
+    encode(torch.randn(5, 16), 0, 4)
+    encode(torch.randn(3, 16), 0, 4)
+    assert (stats.encode_calls, stats.rows, stats.flushes) == (2, 8, 0) and stats.seconds > 0
+    stats.reset()
+    assert stats.to_dict() == {"encode_calls": 0, "rows": 0, "seconds": 0.0, "flushes": 0}
