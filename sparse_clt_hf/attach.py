@@ -380,12 +380,9 @@ def attach_clt(
     """
     _check_options(top_k, activation_threshold, chunk_size, window, dtype, site, on_step)
     if not isinstance(transcoder, CrossLayerTranscoder):
-        from .hub import check_before_download, open_source
+        from .loading import load_for_model
 
-        source = open_source(transcoder, **hub_kwargs)
-        # width and depth before any weight is downloaded (the attachment warns on a model-name mismatch)
-        check_before_download(source, model, layers=layers, format=format, warn_model_name=False)
-        transcoder = CrossLayerTranscoder.from_pretrained(source, layers=layers, format=format)
+        transcoder = load_for_model(transcoder, model, layers=layers, format=format, **hub_kwargs)
     return CLTAttachment(
         model,
         transcoder,

@@ -1,7 +1,7 @@
-"""The ``sparse-clt-hf`` command line.
+"""The ``sparse-clt-hf`` command line (console entry point :func:`main`).
 
-Each sub-command lives in the module of its concern, which provides ``add_<name>_arguments(parser)``
-and ``run_<name>(args) -> int`` (the exit code). This file only wires them together.
+Each sub-command is a module of :mod:`sparse_clt_hf.commands` listed in its ``COMMANDS`` table, with
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). This file only wires them together.
 Exit codes: 0 success, 1 a failure the command reports, 2 bad usage.
 """
 
@@ -13,18 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .commands import COMMANDS
 from .errors import SparseCLTError
-
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("sparse_clt_hf.demo", "generate with SmolLM2 and a demo transcoder, print features per token"),
-    "generate": ("sparse_clt_hf.demo", "generate with any model and transcoder, print or save the features"),
-    "inspect": ("sparse_clt_hf.hub", "describe a transcoder (format, layers, width, site) without loading weights"),
-    "convert": ("sparse_clt_hf.hub", "convert any supported format into the native (circuit-tracer) layout"),
-    "push": ("sparse_clt_hf.hub", "upload a native transcoder folder to the Hub with a model card"),
-    "train": ("sparse_clt_hf.training", "fit a CLT or PLT on a model's own activations"),
-    "bench": ("sparse_clt_hf.bench", "measure capture overhead, memory and encode speed"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subs.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
         module = importlib.import_module(module_name)
-        getattr(module, f"add_{name}_arguments")(sub)
+        module.add_arguments(sub)
     return parser
 
 
@@ -52,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(getattr(module, f"run_{args.command}")(args) or 0)
+        return int(module.run(args) or 0)
     except (SparseCLTError, FileNotFoundError, ValueError) as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "type": type(exc).__name__}))

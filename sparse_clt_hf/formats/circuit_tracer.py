@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
 from ..errors import TranscoderFormatError
+from ..io.sources import FileSource
+from ..layer_encoder import FORMAT_VERSION, LayerEncoder, TranscoderConfig
 from ..sites import SITES_TO_TRANSFORMERLENS, site_from_transformerlens
-from ..transcoder import FORMAT_VERSION, CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-from ._common import choose_layers
-from ._util import SafetensorsReader
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
+from . import gemma_scope, gemma_scope2
+from .base import Loaded, Summary
+from .common import SafetensorsReader, choose_layers, dtype_of, header_tensor, summary
 
 NAME = "circuit_tracer"
 DESCRIPTION = "circuit-tracer CLT (W_enc_{i}.safetensors) or PLT set (layer_{i}.safetensors); native format"
@@ -38,7 +37,13 @@ DESCRIPTION = "circuit-tracer CLT (W_enc_{i}.safetensors) or PLT set (layer_{i}.
 CLT_KIND = "cross_layer_transcoder"
 PLT_KIND = "transcoder_set"
 _CLT_FILE = re.compile(r"^W_enc_(\d+)\.safetensors$")
+_CLT_DEC_FILE = re.compile(r"^W_dec_\d+\.safetensors$")
 _PLT_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+
+
+def _no_variant(source: FileSource, variant: str | None) -> None:
+    if variant is not None:
+        raise TranscoderFormatError(f"{source.name}: circuit-tracer transcoders have one transcoder per layer (variant={variant!r})")
 
 
 def read_config(source: FileSource) -> dict[str, Any] | None:
@@ -67,14 +72,20 @@ def _site(cfg: dict[str, Any]) -> tuple[str, str]:
     return site, cfg.get("input_transform", transform)
 
 
+def _activation(cfg: dict[str, Any], thresholds: bool) -> str:
+    """circuit-tracer's rule: the config's activation, else JumpReLU when every layer has thresholds."""
+    activation = cfg.get("activation") or "relu"
+    if activation == "relu" and thresholds:
+        activation = "jumprelu"
+    return activation
+
+
 def _base_config(cfg: dict[str, Any], encoders: dict[int, LayerEncoder], layers: list[int]) -> TranscoderConfig:
     """Our config from config.yaml and the loaded encoders (JumpReLU when every layer has thresholds)."""
     site, transform = _site(cfg)
     out_hook = cfg.get("feature_output_hook")
     output_site = cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else "mlp_out")
-    activation = cfg.get("activation") or "relu"
-    if activation == "relu" and all(encoders[i].threshold is not None for i in layers):
-        activation = "jumprelu"
+    activation = _activation(cfg, all(encoders[i].threshold is not None for i in layers))
     return TranscoderConfig.for_encoders(
         encoders,
         layers,
@@ -89,7 +100,10 @@ def _base_config(cfg: dict[str, Any], encoders: dict[int, LayerEncoder], layers:
     )
 
 
-def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossLayerTranscoder:
+def load(
+    source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
+) -> Loaded:
+    _no_variant(source, variant)
     cfg = read_config(source)
     if not cfg:
         raise TranscoderFormatError(f"{source.name}: no circuit-tracer config.yaml")
@@ -118,9 +132,7 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
                     f"{src.name}/{name}: a CLT 'transcoders:' entry must be a Gemma Scope 2 params file "
                     f"(tensors w_enc, w_dec, ...); found {sorted(r.keys)}"
                 )
-            from . import format_module
-
-            encoders[i] = format_module("gemma_scope2").load_clt_layer_file(src, name, i, decoders)
+            encoders[i] = gemma_scope2.load_clt_layer_file(src, name, i, decoders)
             continue
         name = f"W_enc_{i}.safetensors"
         r = SafetensorsReader(source.fetch(name), f"{source.name}/{name}")
@@ -148,7 +160,7 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
     tc_cfg = _base_config(cfg, encoders, chosen)
     tc_cfg.n_layers = n_layers
     tc_cfg.span = cfg.get("span")
-    return CrossLayerTranscoder(tc_cfg, encoders)
+    return Loaded(tc_cfg, encoders)
 
 
 def _plt_files(source: FileSource, cfg: dict[str, Any]) -> dict[int, tuple[FileSource, str]]:
@@ -170,16 +182,11 @@ def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
         src, name = files[i]
         if not name.endswith(".safetensors"):
             # e.g. Gemma Scope params.npz referenced from a transcoders: list
-            from . import format_module
-
-            enc = format_module("gemma_scope").load_layer_file(src, name, decoders)
-            encoders[i] = enc
+            encoders[i] = gemma_scope.load_layer_file(src, name, decoders)
             continue
         r = SafetensorsReader(src.fetch(name), f"{src.name}/{name}")
         if "w_enc" in r.keys:  # Gemma Scope 2 params.safetensors (mwhanna/gemma-scope-2-* configs)
-            from . import format_module
-
-            encoders[i] = format_module("gemma_scope2").load_layer_file(src, name, decoders)
+            encoders[i] = gemma_scope2.load_layer_file(src, name, decoders)
             continue
         W = r.get("W_enc", (None, None))
         m, d = W.shape
@@ -198,13 +205,12 @@ def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
     tc_cfg = _base_config(cfg, encoders, chosen)
     tc_cfg.span = 1
     tc_cfg.n_layers = cfg.get("n_layers")
-    return CrossLayerTranscoder(tc_cfg, encoders)
+    return Loaded(tc_cfg, encoders)
 
 
 # ---------------------------------------------------------------------- writing
-def config_yaml(tc: CrossLayerTranscoder) -> dict[str, Any]:
+def config_yaml(c: TranscoderConfig, encoders: dict[int, LayerEncoder]) -> dict[str, Any]:
     """The config.yaml we write: circuit-tracer's keys plus ours."""
-    c = tc.config
     out_hook = SITES_TO_TRANSFORMERLENS.get(c.output_site, c.output_site)
     in_hook = SITES_TO_TRANSFORMERLENS.get(c.input_site, c.input_site)
     if c.input_site == "resid_mid" and c.input_transform == "rmsnorm":
@@ -229,7 +235,7 @@ def config_yaml(tc: CrossLayerTranscoder) -> dict[str, Any]:
         "dtype": c.dtype,
         "library": "sparse-clt-hf",
     }
-    scales = {i: tc.encoder(i).input_scale for i in c.layers if tc.encoder(i).input_scale is not None}
+    scales = {i: encoders[i].input_scale for i in c.layers if encoders[i].input_scale is not None}
     if scales:
         data["input_scale"] = scales
     if c.metrics:
@@ -251,14 +257,14 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.detach().cpu().contiguous()
 
 
-def save_native(tc: CrossLayerTranscoder, directory: Path) -> Path:
-    """Write ``tc`` in the circuit-tracer layout (PLT set when span == 1, else CLT)."""
+def save_native(config: TranscoderConfig, encoders: dict[int, LayerEncoder], directory: Path) -> Path:
+    """Write a transcoder in the circuit-tracer layout (PLT set when span == 1, else CLT)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump(config_yaml(tc), sort_keys=False))
-    for i in tc.layers:
-        enc = tc.encoder(i)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config_yaml(config, encoders), sort_keys=False))
+    for i in config.layers:
+        enc = encoders[i]
         optional = {"norm_weight": enc.norm_weight, "norm_bias": enc.norm_bias, "pre_bias": enc.pre_bias}
-        if tc.config.is_plt:
+        if config.is_plt:
             tensors = {"W_enc": enc.W_enc, "b_enc": enc.b_enc}
             if enc.threshold is not None:
                 tensors["activation_function.threshold"] = enc.threshold
@@ -282,3 +288,69 @@ def save_native(tc: CrossLayerTranscoder, directory: Path) -> Path:
             save_file({f"W_dec_{i}": _t(enc.W_dec)}, str(directory / f"W_dec_{i}.safetensors"))
     return directory
 
+
+# ---------------------------------------------------------------------- describe
+def _sum_sizes(source: FileSource, files: list[str]) -> int | None:
+    sizes = [source.size(f) for f in files]
+    return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+
+
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """A CLT/PLT from config.yaml and the encoder files' headers only (those of ``layers`` when given)."""
+    _no_variant(source, variant)
+    cfg = read_config(source) or {}
+    kind = cfg.get("model_kind")
+    files = source.list_files()
+    if kind == CLT_KIND:
+        available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
+        targets = {i: (source, f"W_enc_{i}.safetensors", f"W_enc_{i}", f"threshold_{i}") for i in available}
+        dec_files = [f for f in files if _CLT_DEC_FILE.match(f)]
+    else:
+        resolved = _plt_files(source, cfg)
+        available = sorted(resolved)
+        targets = {i: (*resolved[i], "W_enc", "activation_function.threshold") for i in available}
+        dec_files = []
+    if not available:
+        raise TranscoderFormatError(f"{source.name}: config.yaml found but no per-layer weight files")
+    chosen = choose_layers(source, available, layers, "weights")
+    widths, d_model, dtype, thresholds, notes, skip = [], None, None, [], [], False
+    for i in chosen:
+        src, fname, w_name, thr_name = targets[i]
+        if not fname.endswith(".safetensors"):
+            notes.append(f"layer files are {Path(fname).suffix} (widths read from the first file)")
+            d_model, m, dtype, has_threshold = gemma_scope.layer_file_info(src, fname)
+            widths += [m] * (len(chosen) - len(widths))
+            thresholds.append(has_threshold)
+            break
+        info, header = header_tensor(src, fname, w_name)
+        widths.append(info.shape[0])
+        d_model, dtype = info.shape[1], dtype_of(info)
+        thresholds.append(thr_name in header)
+        skip = skip or "W_skip" in header
+        if kind != CLT_KIND and "W_dec" in header:
+            dec_files.append(fname)
+    site, transform = _site(cfg)
+    out_hook = cfg.get("feature_output_hook")
+    enc_files = [targets[i][1] for i in chosen if targets[i][0] is source]
+    return summary(
+        NAME,
+        chosen,
+        d_model,
+        widths,
+        site,
+        _activation(cfg, bool(thresholds) and all(thresholds)),
+        dtype,
+        kind="clt" if kind == CLT_KIND else "plt",
+        k=cfg.get("k"),
+        output_site=cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else None),
+        input_transform=transform,
+        model_name=cfg.get("model_name"),
+        n_layers=cfg.get("n_layers") or (len(available) if kind == CLT_KIND else None),
+        encoder_bytes=_sum_sizes(source, enc_files) if enc_files else None,
+        decoder_bytes=_sum_sizes(source, dec_files) if kind == CLT_KIND else None,
+        total_bytes=_sum_sizes(source, files),
+        has_decoders=bool(dec_files),
+        has_skip=skip,
+        metrics=dict(cfg.get("metrics") or {}),
+        notes=notes,
+    )

@@ -10,22 +10,12 @@ attention RMS-normalised without the (1 + w) gain, i.e. site ``resid_mid`` with 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
 
 from ..errors import TranscoderFormatError
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-from ._common import (
-    NpzReader,
-    choose_layers,
-    describe_dict,
-    folder_of,
-    jump_threshold,
-    layer_from_name,
-    npz_headers,
-)
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
+from ..io.sources import FileSource
+from ..layer_encoder import LayerEncoder, TranscoderConfig
+from .base import Loaded, Summary
+from .common import NpzReader, choose_layers, folder_of, jump_threshold, layer_from_name, npz_headers, summary
 
 NAME = "gemma_scope"
 DESCRIPTION = "Gemma Scope (Gemma 2) transcoders: layer_{L}/width_*/average_l0_*/params.npz"
@@ -96,9 +86,18 @@ def load_layer_file(source: FileSource, name: str, decoders: bool) -> LayerEncod
     return enc
 
 
+def layer_file_info(source: FileSource, name: str) -> tuple[int, int, str, bool]:
+    """(d_model, n_features, dtype, has threshold) of one ``params.npz`` from its array headers."""
+    heads = npz_headers(source.fetch(name), f"{source.name}/{name}")
+    if "W_enc" not in heads:
+        raise TranscoderFormatError(f"{source.name}/{name}: no W_enc array; found {sorted(heads)}")
+    d, m = heads["W_enc"].shape
+    return d, m, heads["W_enc"].dtype, "threshold" in heads
+
+
 def load(
     source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
-) -> CrossLayerTranscoder:
+) -> Loaded:
     files = _layer_files(source, variant)
     chosen = choose_layers(source, files, layers, "Gemma Scope params.npz")
     encoders = {i: load_layer_file(source, files[i], decoders) for i in chosen}
@@ -114,19 +113,17 @@ def load(
         model_name=_model_name(source),
         extra={"files": {i: files[i] for i in chosen}},
     )
-    return CrossLayerTranscoder(cfg, encoders)
+    return Loaded(cfg, encoders)
 
 
-def describe(source: FileSource, *, variant: str | None = None) -> dict[str, Any]:
-    """Layers, sizes and site from the npz headers of the first layer (no weights read)."""
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """Layers, sizes and site from the npz array headers of one requested layer (no weights read;
+    a Hub npz has no separate header, so that one file is downloaded)."""
     files = _layer_files(source, variant)
-    layers = sorted(files)
-    first = files[layers[0]]
-    heads = npz_headers(source.fetch(first), f"{source.name}/{first}")
-    if "W_enc" not in heads:
-        raise TranscoderFormatError(f"{source.name}/{first}: no W_enc array; found {sorted(heads)}")
-    (d, m), dtype = heads["W_enc"]
-    return describe_dict(
-        NAME, layers, d, m, "resid_mid", "jumprelu", dtype, input_transform="rmsnorm",
+    chosen = choose_layers(source, files, layers, "Gemma Scope params.npz")
+    first = files[chosen[0]]
+    d, m, dtype, _ = layer_file_info(source, first)
+    return summary(
+        NAME, chosen, d, m, "resid_mid", "jumprelu", dtype, input_transform="rmsnorm",
         model_name=_model_name(source), folder=folder_of(first),
     )

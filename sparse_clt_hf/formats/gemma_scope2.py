@@ -7,30 +7,31 @@ PLT: one folder per layer and variant, e.g. ``transcoder_all/layer_5_width_16k_l
 (applied as ``x @ affine``, so our ``W_skip`` is its transpose).
 CLT: ``clt/width_262k_l0_medium_affine/config.json`` (``hf_hook_point_in`` with a ``{all}`` layer) and
 ``params_layer_{i}.safetensors`` with ``w_dec`` [m, n_layers, d]; source layer i writes slices ``i:``.
-Hook points are module paths of ``Gemma3ForCausalLM``; :data:`HF_MODULE_SITES` maps them to our sites.
+Hook points are module paths of ``Gemma3ForCausalLM``; ``common.site_from_hf_hook`` maps them to our sites.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import TranscoderFormatError
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-from ._common import (
+from ..io.sources import FileSource
+from ..layer_encoder import LayerEncoder, TranscoderConfig
+from .base import Loaded, Summary
+from .common import (
+    SafetensorsReader,
     choose_layers,
-    describe_dict,
+    dtype_of,
     folder_of,
+    header_tensor,
     join,
     jump_threshold,
     pick_variant,
     read_json,
-    safetensors_headers,
+    site_from_hf_hook,
+    summary,
 )
-from ._util import SafetensorsReader
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
 
 NAME = "gemma_scope2"
 DESCRIPTION = "Gemma Scope 2 (Gemma 3) PLT folders (config.json + params.safetensors) and CLTs (params_layer_{i})"
@@ -39,34 +40,6 @@ CONFIG = "config.json"
 PLT_PARAMS = "params.safetensors"
 _CLT_FILE = re.compile(r"^params_layer_(\d+)\.safetensors$")
 _PLT_FOLDER = re.compile(r"^(?:(.*)/)?layer_(\d+)_([^/]+)$")
-
-# (module path below the decoder layer, "input" | "output") -> our site. Anything else becomes an
-# explicit site "<prefix>.layers.{layer}.<module>:<which>" (see sites.resolve_site).
-HF_MODULE_SITES: dict[tuple[str, str], str] = {
-    ("", "input"): "resid_pre",
-    ("", "output"): "resid_post",
-    ("pre_feedforward_layernorm", "input"): "resid_mid",
-    ("pre_feedforward_layernorm", "output"): "mlp_in",
-    ("mlp", "input"): "mlp_in",
-    ("post_feedforward_layernorm", "output"): "mlp_out",
-}
-_HF_HOOK = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+|\{all\})(?:\.(?P<module>.+?))?\.(?P<which>input|output)$")
-
-
-def site_from_hf_hook(hook: str) -> tuple[str, int | None]:
-    """Our site and the layer for an HF module hook such as ``model.layers.5.pre_feedforward_layernorm.output``."""
-    m = _HF_HOOK.match(hook)
-    if not m:
-        raise TranscoderFormatError(
-            f"hook point {hook!r} is not of the form '<...>.layers.N[.<module>].input|output'"
-        )
-    module, which = m.group("module") or "", m.group("which")
-    layer = None if m.group("layer") == "{all}" else int(m.group("layer"))
-    site = HF_MODULE_SITES.get((module, which))
-    if site is None:
-        site = f"{m.group('prefix')}.{{layer}}" + (f".{module}" if module else "") + f":{which}"
-    return site, layer
-
 
 # ---------------------------------------------------------------------- layout
 def _is_clt(files: list[str]) -> bool:
@@ -146,7 +119,7 @@ def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEn
 
 def load(
     source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
-) -> CrossLayerTranscoder:
+) -> Loaded:
     files = source.list_files()
     if _is_clt(files):
         return _load_clt(source, files, layers, decoders)
@@ -174,7 +147,7 @@ def load(
         encoders[i] = load_layer_file(source, join(folder, PLT_PARAMS), decoders)
     cfg = _config(source, cfgs[chosen[0]], encoders, chosen)
     cfg.span = 1
-    return CrossLayerTranscoder(cfg, encoders)
+    return Loaded(cfg, encoders)
 
 
 def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, decoders: bool):
@@ -186,28 +159,32 @@ def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, de
         encoders[i] = load_clt_layer_file(source, available[i], i, decoders)
     tc_cfg = _config(source, cfg, encoders, chosen)
     tc_cfg.n_layers = len(available)
-    return CrossLayerTranscoder(tc_cfg, encoders)
+    return Loaded(tc_cfg, encoders)
 
 
-def describe(source: FileSource, *, variant: str | None = None) -> dict[str, Any]:
-    """Layers, sizes and sites from config.json and one safetensors header (no weights read)."""
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """Layers, sizes and sites from config.json and one requested layer's safetensors header (no weights)."""
     files = source.list_files()
     if _is_clt(files):
-        layers = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
-        cfg, first = read_json(source, CONFIG), f"params_layer_{layers[0]}.safetensors"
+        available = {int(m.group(1)): f for f in files if (m := _CLT_FILE.match(f))}
+        chosen = choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors")
+        cfg, first = read_json(source, CONFIG), available[chosen[0]]
         kind = "clt"
     else:
         folders = _plt_folders(source)
         if not folders:
             raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 files")
         by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
-        folder = by_layer[min(by_layer)]
+        if -1 in by_layer:  # a single layer's folder: the layer is in its config
+            cfg = read_json(source, CONFIG)
+            by_layer = {site_from_hf_hook(cfg["hf_hook_point_in"])[1]: ""}
+        chosen = choose_layers(source, by_layer, layers, "Gemma Scope 2 transcoder")
+        folder = by_layer[chosen[0]]
         cfg, first = read_json(source, join(folder, CONFIG)), join(folder, PLT_PARAMS)
-        layers = sorted(by_layer) if -1 not in by_layer else [site_from_hf_hook(cfg["hf_hook_point_in"])[1]]
         kind = "plt"
-    heads = safetensors_headers(source.fetch(first), f"{source.name}/{first}")
-    if "w_enc" not in heads:
-        raise TranscoderFormatError(f"{source.name}/{first}: no tensor 'w_enc'; found {sorted(heads)}")
-    (d, m), dtype = heads["w_enc"]
+    info, _ = header_tensor(source, first, "w_enc")
+    d, m = info.shape
     site = site_from_hf_hook(cfg["hf_hook_point_in"])[0] if cfg.get("hf_hook_point_in") else None
-    return describe_dict(NAME, layers, d, m, site, "jumprelu", dtype, kind=kind, model_name=cfg.get("model_name"))
+    return summary(
+        NAME, chosen, d, m, site, "jumprelu", dtype_of(info), kind=kind, model_name=cfg.get("model_name")
+    )

@@ -13,25 +13,26 @@ A source may be one SAE folder or a folder of SAE folders; then each sub-folder'
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..activations import ACTIVATIONS
 from ..errors import HookSiteError, TranscoderFormatError
+from ..io.sources import FileSource
+from ..layer_encoder import LayerEncoder, TranscoderConfig
 from ..sites import site_from_transformerlens
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-from ._common import (
+from .base import Loaded, Summary
+from .common import (
+    SafetensorsReader,
     choose_layers,
-    describe_dict,
+    dtype_of,
     folder_of,
+    header_tensor,
     join,
     jump_threshold,
     read_json,
-    safetensors_headers,
+    site_from_hf_hook,
+    summary,
 )
-from ._util import SafetensorsReader
-from .gemma_scope2 import site_from_hf_hook
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
 
 NAME = "saelens"
 DESCRIPTION = "SAELens SAE / transcoder folders: cfg.json + sae_weights.safetensors"
@@ -141,14 +142,14 @@ def _scaling_factor(source: FileSource, folder: str, p: dict[str, Any]) -> float
 
 def _load_one(source: FileSource, folder: str, p: dict[str, Any], decoders: bool) -> LayerEncoder:
     label = f"{source.name}/{join(folder, WEIGHTS)}"
-    act, has_thr, _, has_skip = ARCHITECTURES[p["architecture"]]
+    act_name, has_thr, _, has_skip = ARCHITECTURES[p["architecture"]]
+    rescale = ACTIVATIONS[act_name].takes_k and p["rescale_acts_by_decoder_norm"]
     r = SafetensorsReader(source.fetch(join(folder, WEIGHTS)), label)
     W = r.get("W_enc", (p["d_in"], p["d_sae"]))
     d, m = W.shape
     W, b = W.T.contiguous(), r.get("b_enc", (m,))
-    need_dec = decoders or (act == "topk" and p["rescale_acts_by_decoder_norm"])
-    W_dec = r.get("W_dec", (m, None)) if need_dec else None
-    if act == "topk" and p["rescale_acts_by_decoder_norm"]:
+    W_dec = r.get("W_dec", (m, None)) if decoders or rescale else None
+    if rescale:
         norms = W_dec.norm(dim=-1).to(W.dtype)
         W, b = W * norms[:, None], b * norms
     b_dec = r.get("b_dec", (None,)) if (decoders or p["apply_b_dec_to_input"]) else None
@@ -186,7 +187,15 @@ def _read_all(source: FileSource) -> dict[int, tuple[str, dict[str, Any]]]:
     return out
 
 
-def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossLayerTranscoder:
+def _no_variant(source: FileSource, variant: str | None) -> None:
+    if variant is not None:
+        raise TranscoderFormatError(f"{source.name}: SAELens folders hold one SAE per layer (variant={variant!r})")
+
+
+def load(
+    source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
+) -> Loaded:
+    _no_variant(source, variant)
     found = _read_all(source)
     chosen = choose_layers(source, found, layers, "SAELens cfg.json + sae_weights.safetensors")
     ps = {i: found[i][1] for i in chosen}
@@ -205,7 +214,7 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
         encoders,
         chosen,
         activation=act,
-        k=p0["k"] if act == "topk" else None,
+        k=p0["k"] if ACTIVATIONS[act].takes_k else None,
         input_site=p0["site"],
         output_site=p0["output_site"],
         input_transform=transform,
@@ -218,20 +227,19 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
             "folders": {i: found[i][0] for i in chosen},
         },
     )
-    return CrossLayerTranscoder(cfg, encoders)
+    return Loaded(cfg, encoders)
 
 
-def describe(source: FileSource) -> dict[str, Any]:
-    """Layers, sizes, site and activation from the cfg.json files and one safetensors header."""
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """Layers, sizes, site and activation from the cfg.json files and one requested layer's
+    safetensors header (no weights read)."""
+    _no_variant(source, variant)
     found = _read_all(source)
-    layers = sorted(found)
-    folder, p = found[layers[0]]
-    path = join(folder, WEIGHTS)
-    heads = safetensors_headers(source.fetch(path), f"{source.name}/{path}")
-    if "W_enc" not in heads:
-        raise TranscoderFormatError(f"{source.name}/{path}: no tensor 'W_enc'; found {sorted(heads)}")
-    (d, m), dtype = heads["W_enc"]
-    return describe_dict(
-        NAME, layers, d, m, p["site"], ARCHITECTURES[p["architecture"]][0], dtype,
+    chosen = choose_layers(source, found, layers, "SAELens cfg.json + sae_weights.safetensors")
+    folder, p = found[chosen[0]]
+    info, _ = header_tensor(source, join(folder, WEIGHTS), "W_enc")
+    d, m = info.shape
+    return summary(
+        NAME, chosen, d, m, p["site"], ARCHITECTURES[p["architecture"]][0], dtype_of(info),
         architecture=p["architecture"], k=p["k"], model_name=p["model_name"],
     )

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import TranscoderFormatError
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-from ._common import choose_layers, describe_dict, join, pick_variant, read_json, safetensors_headers
-from ._util import SafetensorsReader
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
+from ..io.sources import FileSource
+from ..layer_encoder import LayerEncoder, TranscoderConfig
+from .base import Loaded, Summary
+from .common import (
+    SafetensorsReader,
+    choose_layers,
+    dtype_of,
+    header_tensor,
+    join,
+    pick_variant,
+    read_json,
+    summary,
+)
 
 NAME = "sparsify"
 DESCRIPTION = "EleutherAI sparsify / clt-training: <hookpoint>/cfg.json + sae.safetensors"
@@ -41,7 +48,7 @@ HOOKPOINT_SITES: list[tuple[re.Pattern[str], str, str]] = [
 BASE_MODEL_PREFIX = {"layers": "model.", "h": "transformer."}
 _ANY_LAYER = re.compile(rf"^(?P<stem>(?:.*\.)?{_LAYER_PREFIXES})\.(?P<layer>\d+)(?:\.(?P<rest>.+))?$")
 # Activation of cfg.json -> ours. batchtopk keeps a batch-wide threshold in training; per token at inference.
-ACTIVATIONS = {"topk": "topk", "batchtopk": "topk"}
+ACTIVATION_NAMES = {"topk": "topk", "batchtopk": "topk"}
 
 
 def hookpoint_site(hookpoint: str, transcode: bool) -> tuple[str, str, int]:
@@ -89,8 +96,8 @@ def detect(source: FileSource) -> bool:
 
 def _check_cfg(label: str, cfg: dict[str, Any]) -> None:
     act = cfg.get("activation", "topk")
-    if act not in ACTIVATIONS:
-        raise TranscoderFormatError(f"{label}: activation {act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    if act not in ACTIVATION_NAMES:
+        raise TranscoderFormatError(f"{label}: activation {act!r} is not supported (supported: {sorted(ACTIVATION_NAMES)})")
     if cfg.get("coalesce_topk", "none") not in ("none", None):
         raise TranscoderFormatError(
             f"{label}: coalesce_topk={cfg['coalesce_topk']!r} selects the top-k across layers, so one layer's "
@@ -164,7 +171,7 @@ def _select(source: FileSource, variant: str | None) -> tuple[str, dict[int, str
 
 def load(
     source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
-) -> CrossLayerTranscoder:
+) -> Loaded:
     """``variant`` picks a hookpoint template such as ``"layers.{layer}.mlp"`` when a repo has several."""
     template, by_layer, hookpoints = _select(source, variant)
     chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
@@ -190,18 +197,19 @@ def load(
         model_name=_model_name(source),
         extra={"hookpoint_template": template, **{k: cfg0[k] for k in keep if k in cfg0}},
     )
-    return CrossLayerTranscoder(cfg, encoders)
+    return Loaded(cfg, encoders)
 
 
-def describe(source: FileSource, *, variant: str | None = None) -> dict[str, Any]:
-    """Layers, sizes, site and k from cfg.json and one safetensors header (no weights read)."""
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """Layers, sizes, site and k from one requested layer's cfg.json and safetensors header (no weights)."""
     template, by_layer, hookpoints = _select(source, variant)
-    layers = sorted(by_layer)
-    folder = hookpoints[by_layer[layers[0]]]
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    folder = hookpoints[by_layer[chosen[0]]]
     cfg = read_json(source, join(folder, CFG))
-    heads = safetensors_headers(source.fetch(join(folder, WEIGHTS)), f"{source.name}/{join(folder, WEIGHTS)}")
-    if "encoder.weight" not in heads:
-        raise TranscoderFormatError(f"{source.name}/{join(folder, WEIGHTS)}: no 'encoder.weight'; found {sorted(heads)}")
-    (m, d), dtype = heads["encoder.weight"]
-    site = hookpoint_site(by_layer[layers[0]], bool(cfg.get("transcode")))[0]
-    return describe_dict(NAME, layers, d, m, site, "topk", dtype, k=cfg.get("k"), hookpoint_template=template)
+    info, _ = header_tensor(source, join(folder, WEIGHTS), "encoder.weight")
+    m, d = info.shape
+    site = hookpoint_site(by_layer[chosen[0]], bool(cfg.get("transcode")))[0]
+    return summary(
+        NAME, chosen, d, m, site, ACTIVATION_NAMES.get(cfg.get("activation", "topk"), "topk"), dtype_of(info),
+        k=cfg.get("k"), hookpoint_template=template,
+    )

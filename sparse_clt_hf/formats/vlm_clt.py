@@ -12,16 +12,15 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import TranscoderFormatError
-from ..transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, dtype_name
-from ._common import check_shape, choose_layers, describe_dict
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
+from ..io.sources import FileSource
+from ..layer_encoder import LayerEncoder, TranscoderConfig, check_shape, dtype_name
+from .base import Loaded, Summary
+from .common import choose_layers, summary
 
 NAME = "vlm_clt"
 DESCRIPTION = "vlm-clt-training transcoder_L{L}.pt checkpoints (read with torch.load weights_only=True)"
@@ -64,7 +63,7 @@ def read_checkpoint(source: FileSource, name: str) -> tuple[dict[str, Any], dict
 def _get(state: dict[str, torch.Tensor], label: str, name: str, shape: list[int | None]) -> torch.Tensor:
     if name not in state:
         raise TranscoderFormatError(f"{label}: missing tensor {name!r}; found {sorted(state)}")
-    return check_shape(label, name, state[name], shape)
+    return check_shape(name, state[name], shape, label)
 
 
 def _load_one(source: FileSource, name: str, layer: int, decoders: bool) -> tuple[LayerEncoder, dict[str, Any]]:
@@ -88,7 +87,7 @@ def _load_one(source: FileSource, name: str, layer: int, decoders: bool) -> tupl
         n_targets = dec.shape[0] // d
         if decoders:
             bias = state.get("dec.bias")
-            b_dec = None if bias is None else check_shape(label, "dec.bias", bias, [d * n_targets])[:d]
+            b_dec = None if bias is None else check_shape("dec.bias", bias, [d * n_targets], label)[:d]
             enc.set_decoder(dec.T.reshape(m, n_targets, d).contiguous(), b_dec)
     elif decoders:
         raise TranscoderFormatError(f"{label}: decoders asked for but the checkpoint has no 'dec.weight'")
@@ -97,7 +96,10 @@ def _load_one(source: FileSource, name: str, layer: int, decoders: bool) -> tupl
     return enc, {"n_targets": n_targets, "model_name": model if isinstance(model, str) else None}
 
 
-def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossLayerTranscoder:
+def load(
+    source: FileSource, layers: list[int] | None, decoders: bool, *, variant: str | None = None
+) -> Loaded:
+    _no_variant(source, variant)
     files = _files(source)
     chosen = choose_layers(source, files, layers, "transcoder_L{L}.pt checkpoints")
     encoders, info = {}, {}
@@ -116,16 +118,22 @@ def load(source: FileSource, layers: list[int] | None, decoders: bool) -> CrossL
         model_name=info[chosen[0]]["model_name"],
         extra={"n_targets": n_targets},
     )
-    return CrossLayerTranscoder(cfg, encoders)
+    return Loaded(cfg, encoders)
 
 
-def describe(source: FileSource) -> dict[str, Any]:
-    """Layers from file names; sizes need one checkpoint (a pickle has no separate header)."""
+def _no_variant(source: FileSource, variant: str | None) -> None:
+    if variant is not None:
+        raise TranscoderFormatError(f"{source.name}: vlm-clt checkpoints have one transcoder per layer (variant={variant!r})")
+
+
+def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
+    """Layers from file names; sizes need one requested checkpoint (a pickle has no separate header)."""
+    _no_variant(source, variant)
     files = _files(source)
-    layers = sorted(files)
-    obj, state = read_checkpoint(source, files[layers[0]])
+    chosen = choose_layers(source, files, layers, "transcoder_L{L}.pt checkpoints")
+    obj, state = read_checkpoint(source, files[chosen[0]])
     W = state.get("enc.1.weight")
     m, d = (None, None) if W is None else W.shape
-    return describe_dict(
-        NAME, layers, d, m, "mlp_in", "relu", None if W is None else dtype_name(W.dtype), input_transform="layernorm"
+    return summary(
+        NAME, chosen, d, m, "mlp_in", "relu", None if W is None else dtype_name(W.dtype), input_transform="layernorm"
     )

@@ -1,7 +1,8 @@
-"""Helpers shared by the published-format loaders: JSON configs, layer choice, npz reads, headers.
+"""Helpers shared by the format modules: JSON configs, layer choice, safetensors/npz reads, headers,
+HF module hook names, and the describe summary.
 
-Everything here reads without executing code (json, npz with ``allow_pickle=False``, safetensors
-headers) and turns library errors into :class:`TranscoderFormatError` naming the file.
+Everything here reads without executing code (json, npz with ``allow_pickle=False``, safetensors)
+and turns library errors into :class:`TranscoderFormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
 from ..errors import TranscoderFormatError
-
-if TYPE_CHECKING:
-    from ..hub import FileSource
+from ..io.sources import FileSource, Header, TensorInfo
+from ..layer_encoder import check_shape
+from .base import Summary
 
 LAYER_IN_NAME = re.compile(r"(?:^|[/._-])layers?[._-]?(\d+)(?=$|[/._-])")
 
@@ -78,16 +79,6 @@ def pick_variant(source: FileSource, variants: dict[str, Any], variant: str | No
     return next(iter(variants))
 
 
-def check_shape(label: str, name: str, tensor: torch.Tensor, shape: Iterable[int | None]) -> torch.Tensor:
-    """Raise unless ``tensor`` has ``shape`` (None matches any size)."""
-    expected = list(shape)
-    ok = tensor.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, tensor.shape))
-    if not ok:
-        want = ", ".join("?" if e is None else str(e) for e in expected)
-        raise TranscoderFormatError(f"{label}: tensor {name!r} has shape {list(tensor.shape)}; expected [{want}]")
-    return tensor
-
-
 class NpzReader:
     """Per-array reads from one ``.npz`` file (never unpickles), with errors naming file and array."""
 
@@ -111,7 +102,7 @@ class NpzReader:
                 f"{self.label}: array {name!r} could not be read (truncated or corrupt file?): {exc}"
             ) from exc
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor if shape is None else check_shape(self.label, name, tensor, shape)
+        return tensor if shape is None else check_shape(name, tensor, shape, self.label)
 
 
 _NPY_HEADER_READERS = {
@@ -120,9 +111,9 @@ _NPY_HEADER_READERS = {
 }
 
 
-def npz_headers(path: Path, label: str) -> dict[str, tuple[list[int], str]]:
-    """{array: (shape, dtype)} of an ``.npz`` from the ``.npy`` headers only (no data read)."""
-    out: dict[str, tuple[list[int], str]] = {}
+def npz_headers(path: Path, label: str) -> Header:
+    """{array: TensorInfo(dtype, shape)} of a local ``.npz`` from the ``.npy`` headers only (no data read)."""
+    out: Header = {}
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -134,22 +125,36 @@ def npz_headers(path: Path, label: str) -> dict[str, tuple[list[int], str]]:
                     if reader is None:
                         raise ValueError(f"unsupported .npy format version {version}")
                     shape, _, dtype = reader(fh)
-                out[info.filename[:-4]] = ([int(s) for s in shape], str(dtype))
+                out[info.filename[:-4]] = TensorInfo(str(dtype), [int(s) for s in shape])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise TranscoderFormatError(f"{label}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     return out
 
 
-def safetensors_headers(path: Path, label: str) -> dict[str, tuple[list[int], str]]:
-    """{tensor: (shape, dtype)} of a safetensors file from its header only."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {
-                k: ([int(s) for s in fh.get_slice(k).get_shape()], str(fh.get_slice(k).get_dtype()))
-                for k in fh.keys()
-            }
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise TranscoderFormatError(f"{label}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+#: safetensors dtype names -> torch's (how configs and descriptions write a dtype)
+ST_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+}
+
+
+def dtype_of(info: TensorInfo) -> str:
+    """A header's dtype as torch names it (``"F32"`` -> ``"float32"``)."""
+    return ST_DTYPES.get(info.dtype, info.dtype)
+
+
+def header_tensor(source: FileSource, path: str, tensor: str, ndim: int = 2) -> tuple[TensorInfo, Header]:
+    """(info of ``tensor``, whole header) of a safetensors file of ``source``, from its header only."""
+    header = source.header(path)
+    if tensor not in header:
+        raise TranscoderFormatError(f"{source.name}/{path}: no tensor {tensor!r}; found {sorted(header)}")
+    info = header[tensor]
+    if len(info.shape) != ndim:
+        raise TranscoderFormatError(f"{source.name}/{path}: {tensor} has shape {info.shape}; expected {ndim} dims")
+    return info, header
 
 
 def jump_threshold(threshold: torch.Tensor | None) -> torch.Tensor | None:
@@ -157,7 +162,7 @@ def jump_threshold(threshold: torch.Tensor | None) -> torch.Tensor | None:
     return None if threshold is None else threshold.clamp_min(0)
 
 
-def describe_dict(
+def summary(
     fmt: str,
     layers: list[int],
     d_model: int | None,
@@ -166,9 +171,9 @@ def describe_dict(
     activation: str | None,
     dtype: str | None,
     **extra: Any,
-) -> dict[str, Any]:
-    """The summary returned by each format's ``describe``."""
-    out = {
+) -> Summary:
+    """The :class:`~sparse_clt_hf.formats.base.Summary` a format's ``describe`` returns (None extras dropped)."""
+    out: dict[str, Any] = {
         "format": fmt,
         "layers": layers,
         "d_model": d_model,
@@ -178,4 +183,67 @@ def describe_dict(
         "dtype": dtype,
     }
     out.update({k: v for k, v in extra.items() if v is not None})
-    return out
+    return out  # type: ignore[return-value]
+
+
+class SafetensorsReader:
+    """Memory-mapped, per-tensor reads from one safetensors file, with errors naming file and tensor."""
+
+    def __init__(self, path: Path, label: str | None = None) -> None:
+        self.path = Path(path)
+        self.label = label or self.path.name
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self.keys = set(self._handle.keys())
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise TranscoderFormatError(
+                f"{self.label}: not a readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def metadata(self) -> dict[str, str]:
+        return self._handle.metadata() or {}
+
+    def get(self, name: str, shape: Iterable[int | None] | None = None, required: bool = True) -> torch.Tensor | None:
+        """Read tensor ``name``; check its shape (None entries match any size)."""
+        if name not in self.keys:
+            if required:
+                raise TranscoderFormatError(
+                    f"{self.label}: missing tensor {name!r}; found {sorted(self.keys)}"
+                )
+            return None
+        try:
+            tensor = self._handle.get_tensor(name)
+        except Exception as exc:
+            raise TranscoderFormatError(
+                f"{self.label}: tensor {name!r} could not be read (truncated or corrupt file?): {exc}"
+            ) from exc
+        return tensor if shape is None else check_shape(name, tensor, shape, self.label)
+
+
+# ---------------------------------------------------------------------- HF module hook names
+# (module path below the decoder layer, "input" | "output") -> our site. Anything else becomes an
+# explicit site "<prefix>.layers.{layer}.<module>:<which>" (see sites.resolve_site).
+HF_MODULE_SITES: dict[tuple[str, str], str] = {
+    ("", "input"): "resid_pre",
+    ("", "output"): "resid_post",
+    ("pre_feedforward_layernorm", "input"): "resid_mid",
+    ("pre_feedforward_layernorm", "output"): "mlp_in",
+    ("mlp", "input"): "mlp_in",
+    ("post_feedforward_layernorm", "output"): "mlp_out",
+}
+_HF_HOOK = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+|\{all\})(?:\.(?P<module>.+?))?\.(?P<which>input|output)$")
+
+
+def site_from_hf_hook(hook: str) -> tuple[str, int | None]:
+    """Our site and the layer for an HF module hook such as ``model.layers.5.pre_feedforward_layernorm.output``."""
+    m = _HF_HOOK.match(hook)
+    if not m:
+        raise TranscoderFormatError(
+            f"hook point {hook!r} is not of the form '<...>.layers.N[.<module>].input|output'"
+        )
+    module, which = m.group("module") or "", m.group("which")
+    layer = None if m.group("layer") == "{all}" else int(m.group("layer"))
+    site = HF_MODULE_SITES.get((module, which))
+    if site is None:
+        site = f"{m.group('prefix')}.{{layer}}" + (f".{module}" if module else "") + f":{which}"
+    return site, layer

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .hub import Description
+    from ..formats.base import Description
 
 METRIC_COLUMNS = {"l0": "L0", "fvu": "FVU"}
 

@@ -1,0 +1,40 @@
+"""``sparse-clt-hf demo``: SmolLM2 + the demo transcoder (trained on first use), features per token."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .. import demo
+from ..training import format_metrics
+from ._options import add_generation_options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_generation_options(parser, demo.DEMO_PROMPT)
+    parser.add_argument("--clt", default=None,
+                        help=f"transcoder to use instead of the cached demo one (default: ${demo.DEMO_ENV} or the cache)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    model, tokenizer, _ = demo.load_model(None)
+    extra: dict[str, Any] = {}
+    clt = args.clt
+    if clt is None:
+        clt, metrics = demo.ensure_demo_transcoder(
+            model, tokenizer, progress=not (args.no_progress or args.json), log=log
+        )
+        if metrics is not None:
+            log(format_metrics(metrics))
+            extra["trained"] = {k: metrics[k] for k in ("fvu", "l0", "dead", "tokens", "train_seconds")}
+    extra["transcoder"] = str(clt)
+    seq, prompt_len, feats, gen_s = demo.generate_with_features(
+        model, tokenizer, str(clt), args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k, chat=args.chat
+    )
+    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
+    return 0

@@ -1,0 +1,35 @@
+"""``sparse-clt-hf generate``: any model and transcoder; print the features per token or save them."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from .. import demo
+from ..training import parse_layers
+from ._options import add_generation_options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF model id, folder or .gguf file (default: SmolLM2)")
+    parser.add_argument("--clt", required=True, help="transcoder folder or Hub reference")
+    parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
+    parser.add_argument("--out", default=None, help="save the features to this .safetensors file")
+    add_generation_options(parser, None)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    layers = parse_layers(args.layers) if args.layers else None
+    model, tokenizer, _ = demo.load_model(args.model)
+    seq, prompt_len, feats, gen_s = demo.generate_with_features(
+        model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+        layers=layers, chat=args.chat,
+    )
+    extra: dict[str, Any] = {"transcoder": args.clt}
+    if args.out:
+        feats.save(args.out)
+        extra["saved"] = str(args.out)
+    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
+    return 0
