@@ -9,6 +9,8 @@ from .errors import (
     SparseCLTError,
     TranscoderFormatError,
 )
+from .extract import ExtractedShard, iter_extracted, load_extracted
+from .feature_stats import Context, FeatureStats, feature_stats
 from .features import FeatureHit, Features
 from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
 
@@ -17,6 +19,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignmentError",
     "CLTAttachment",
+    "Context",
+    "ExtractedShard",
+    "FeatureStats",
     "CrossLayerTranscoder",
     "FeatureHit",
     "Features",
@@ -29,4 +34,7 @@ __all__ = [
     "TranscoderFormatError",
     "__version__",
     "attach_clt",
+    "feature_stats",
+    "iter_extracted",
+    "load_extracted",
 ]

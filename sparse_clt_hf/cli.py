@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_clt_hf.training", "fit a CLT or PLT on a model's own activations"),
     "bench": ("sparse_clt_hf.bench", "measure capture overhead, memory and encode speed"),
 }
+# modules with add_parser(subparsers) and run(args) (the parser sets `run` as a default)
+COMMAND_MODULES = ("sparse_clt_hf.commands.extract", "sparse_clt_hf.commands.stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
         module = importlib.import_module(module_name)
         getattr(module, f"add_{name}_arguments")(sub)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subs)
     return parser
 
 
@@ -50,9 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
+    run = getattr(args, "run", None) or getattr(importlib.import_module(COMMANDS[args.command][0]), f"run_{args.command}")
     try:
-        return int(getattr(module, f"run_{args.command}")(args) or 0)
+        return int(run(args) or 0)
     except (SparseCLTError, FileNotFoundError, ValueError) as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
