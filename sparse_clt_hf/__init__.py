@@ -1,5 +1,6 @@
 """sparse-clt-hf: sparse transcoder (CLT / PLT) features for any Hugging Face Transformers model."""
 
+from ._version import __version__
 from .attach import CLTAttachment, attach_clt
 from .errors import (
     AlignmentError,
@@ -9,14 +10,17 @@ from .errors import (
     SparseCLTError,
     TranscoderFormatError,
 )
+from .extracted import ExtractedShard, iter_extracted, load_extracted
+from .feature_stats import Context, FeatureStats, feature_stats
 from .features import FeatureHit, Features
 from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AlignmentError",
     "CLTAttachment",
+    "Context",
+    "ExtractedShard",
+    "FeatureStats",
     "CrossLayerTranscoder",
     "FeatureHit",
     "Features",
@@ -29,4 +33,7 @@ __all__ = [
     "TranscoderFormatError",
     "__version__",
     "attach_clt",
+    "feature_stats",
+    "iter_extracted",
+    "load_extracted",
 ]

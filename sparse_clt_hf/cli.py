@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparse-clt-hf",
         description="Sparse transcoder features for Hugging Face Transformers models.",
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparse-clt-hf {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -25,3 +25,7 @@ class AlignmentError(SparseCLTError, RuntimeError):
 
 class HubAccessError(SparseCLTError, OSError):
     """A Hub repository, revision or file cannot be reached (missing, private, offline and not cached)."""
+
+
+class ExtractError(SparseCLTError, ValueError):
+    """Bad input for an extraction (data, output folder, arguments) or an unusable output folder."""

@@ -33,12 +33,19 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def load_model(ref: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | None = None):
+def load_model(
+    ref: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+):
     """Load ``(model, tokenizer, name)``: SmolLM2 from its GGUF file when ``ref`` is None, a ``.gguf``
-    file, or any Hugging Face model id / local folder."""
+    file, or any Hugging Face model id / local folder (``device_map`` as in ``from_pretrained``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if ref in DEFAULT_MODEL_ALIASES or str(ref).endswith(".gguf"):
         path = smollm2_gguf() if ref in DEFAULT_MODEL_ALIASES else Path(str(ref))
         if not path.is_file():

@@ -26,4 +26,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("sparse_clt_hf.commands.push", "upload a native transcoder folder to the Hub with a model card"),
     "train": ("sparse_clt_hf.commands.train", "fit a CLT or PLT on a model's own activations"),
     "bench": ("sparse_clt_hf.commands.bench", "measure capture overhead, memory and encode speed"),
+    "extract": ("sparse_clt_hf.commands.extract", "extract transcoder features over a corpus into resumable shards"),
+    "stats": ("sparse_clt_hf.commands.stats", "per-feature statistics and max-activating contexts of an extraction"),
 }

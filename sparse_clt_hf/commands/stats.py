@@ -1,0 +1,43 @@
+"""``sparse-clt-hf stats DIR``: per-feature frequency, mean/max activation and top contexts of an
+extraction, saved as ``DIR/stats.safetensors``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="folder written by `sparse-clt-hf extract`")
+    p.add_argument("--top-n", type=int, default=10, help="max-activating contexts kept per feature")
+    p.add_argument("--context", type=int, default=8, help="tokens kept either side of each context's position")
+    p.add_argument("--show", type=int, default=5, help="most frequent features printed per layer")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..feature_stats import STATS_FILE, feature_stats
+
+    stats = feature_stats(args.dir, top_n=args.top_n, context=args.context)
+    summary = {"stats": f"{args.dir}/{STATS_FILE}", "n_positions": stats.n_positions, "layers": []}
+    for layer in stats.layers:
+        freq = stats.frequency(layer)
+        top = freq.argsort(descending=True, stable=True)[: args.show].tolist()
+        summary["layers"].append({
+            "layer": layer,
+            "alive": int((stats.count(layer) > 0).sum()),
+            "n_features": len(freq),
+            "mean_frequency": round(float(freq.mean()), 6),
+            "most_frequent": [{"feature": f, "frequency": round(float(freq[f]), 6),
+                               "mean": round(float(stats.mean(layer)[f]), 4),
+                               "max": round(float(stats.max(layer)[f]), 4)} for f in top],
+        })
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{stats.n_positions} positions; saved {summary['stats']}")
+    for entry in summary["layers"]:
+        shown = "  ".join(f"{f['feature']}: {f['frequency']:.4f} (mean {f['mean']:.2f}, max {f['max']:.2f})"
+                          for f in entry["most_frequent"])
+        print(f"layer {entry['layer']}: {entry['alive']}/{entry['n_features']} features fired; "
+              f"most frequent: {shown}")
+    return 0
