@@ -223,6 +223,9 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
 
 def _report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,
             total_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+    if getattr(args, "html", None):
+        feats.to_html(args.html, tokenizer, sequences=seq, prompt_len=prompt_len, title=f"sparse-clt-hf: {args.prompt}")
+        extra = {**extra, "html": str(args.html)}
     tokens = token_report(tokenizer, seq, prompt_len, feats, args.show)
     gen = feats.positions(prompt_len - 1, seq.shape[0] - 1)
     mean_l0 = float(gen.l0.float().mean()) if gen.num_positions else 0.0
@@ -238,6 +241,8 @@ def _report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Feature
         print(format_table(tokens))
         print(f"\n{summary['generated_tokens']} tokens generated in {gen_s:.1f} s; layers {feats.layers}; "
               f"mean L0 {mean_l0:.1f} active features per token and layer; total {total_s:.1f} s")
+    if "html" in extra:
+        print(f"saved HTML view to {extra['html']}", file=sys.stderr if args.json else sys.stdout)
     return report
 
 
@@ -248,6 +253,8 @@ def _common_arguments(parser: argparse.ArgumentParser, prompt_default: str | Non
     parser.add_argument("--show", type=int, default=4, help="features shown per token (strongest across layers)")
     parser.add_argument("--no-chat-template", dest="chat", action="store_false",
                         help="feed the prompt as plain text instead of through the chat template")
+    parser.add_argument("--html", default=None, metavar="PATH",
+                        help="also write a self-contained HTML page to explore the features token by token")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -406,3 +406,42 @@ def test_browser_screenshot_not_blank(tmp_path):
     w, h = struct.unpack(">II", data[16:24])
     assert (w, h) == (1200, 900)
     assert png_pixels_vary(data)
+
+
+# ---------------------------------------------------------------------------- the --html flag
+def test_generate_cli_writes_html(tmp_path, capsys):
+    from conftest import random_transcoder
+    from tiny_models import tiny_model
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sparse_clt_hf import cli
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chr(32 + i): 3 + i for i in range(95)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    fast.save_pretrained(tmp_path / "model")
+    tc = random_transcoder(d=32, layers=(0, 1, 2), site="resid_mid")
+    tc.config.model_name = None
+    tc.save_pretrained(tmp_path / "clt")
+    html_path = tmp_path / "view.html"
+    rc = cli.main(["generate", "--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"), "--prompt", "hi </b>",
+                   "--no-chat-template", "--max-new-tokens", "4", "--top-k", "4", "--html", str(html_path),
+                   "--out", str(tmp_path / "f.safetensors")])
+    assert rc == 0
+    assert f"saved HTML view to {html_path}" in capsys.readouterr().out
+    feats = Features.load(tmp_path / "f.safetensors")
+    data = embedded(html_path.read_text(encoding="utf-8"))
+    assert data["prompt_len"] == len("hi </b>")
+    assert [tk["t"] for tk in data["tokens"]] == list(range(feats.num_positions + 1))
+    assert [tk["rec"] for tk in data["tokens"]] == [True] * feats.num_positions + [False]
+    assert data["layers"] == [0, 1, 2] and data["title"] == "sparse-clt-hf: hi </b>"
+    # with --json, stdout stays one JSON document and the notice goes to stderr
+    rc = cli.main(["generate", "--json", "--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"),
+                   "--prompt", "hi", "--max-new-tokens", "2", "--html", str(tmp_path / "j.html")])
+    out = capsys.readouterr()
+    assert rc == 0 and json.loads(out.out)["summary"]["html"] == str(tmp_path / "j.html")
+    assert "saved HTML view to" in out.err and (tmp_path / "j.html").is_file()
