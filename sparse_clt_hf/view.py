@@ -337,6 +337,8 @@ h2 .label .chip { font-size: 12px; }
   function shown(id) { const v = visible(raw(id)); return v === "" ? "\u2205" : v; }
   function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2); }
   function pct(x) { return x >= 0.1 ? (100 * x).toFixed(1) + "%" : x >= 0.001 ? (100 * x).toFixed(2) + "%" : (100 * x).toPrecision(2) + "%"; }
+  function maxOf(xs, start) { let m = start; for (const x of xs) if (x !== null && x > m) m = x; return m; }
+  function minOf(xs) { let m = Infinity; for (const x of xs) if (x !== null && x < m) m = x; return m === Infinity ? 0 : m; }
   function key(layer, f) { return layer + "/" + f; }
   function st(layer, f) { return stats ? stats[key(layer, f)] || null : null; }
   function activation(tk, li, f) {
@@ -393,7 +395,7 @@ h2 .label .chip { font-size: 12px; }
       const li = state.feat.li, f = state.feat.f;
       const vals = toks.map(tk => activation(tk, li, f));
       const s = st(D.layers[li], f);
-      const pageMax = Math.max(0, ...vals.filter(v => v !== null));
+      const pageMax = maxOf(vals, 0);
       const scale = s && s.max > 0 ? Math.max(s.max, pageMax) : pageMax;
       return { vals, lo: 0, scale, what: "L" + D.layers[li] + "/" + f + (s && s.max > 0 ? " (scale: feature max)" : "") };
     }
@@ -401,9 +403,7 @@ h2 .label .chip { font-size: 12px; }
     if (state.mode.startsWith("l0:")) { const li = +state.mode.slice(3); vals = toks.map(tk => tk.rec ? tk.l0[li] : null); }
     else vals = toks.map(tk => tk.rec ? tk.l0.reduce((a, b) => a + b, 0) : null);
     // L0 varies around a level: shade from the lowest value on the page to the highest
-    const rec = vals.filter(v => v !== null);
-    const lo = rec.length ? Math.min(...rec) : 0;
-    return { vals, lo: lo, scale: Math.max(0, ...rec), what: state.mode === "l0" ? "L0 (sum of layers)" : "L0" };
+    return { vals, lo: minOf(vals), scale: maxOf(vals, 0), what: state.mode === "l0" ? "L0 (sum of layers)" : "L0" };
   }
   function shade() {
     const { vals, lo, scale, what } = shadeValues();

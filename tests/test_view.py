@@ -445,3 +445,45 @@ def test_generate_cli_writes_html(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0 and json.loads(out.out)["summary"]["html"] == str(tmp_path / "j.html")
     assert "saved HTML view to" in out.err and (tmp_path / "j.html").is_file()
+
+
+DRIVER = """<script>
+(function () {
+  const rec = (name, value) => { document.body.dataset[name] = value; };
+  const head = () => document.querySelector("#token h2").textContent;
+  document.querySelector('.tok[data-t="2"]').click();
+  rec("afterClick", location.hash);
+  document.querySelector('.tok[data-t="5"]').dispatchEvent(new MouseEvent("mouseenter"));
+  rec("hoverHead", head());
+  document.querySelector('.tok[data-t="5"]').dispatchEvent(new MouseEvent("mouseleave"));
+  rec("leaveHead", head());
+  const row = document.querySelector("tr.feat-row");
+  rec("clickedFeature", row.dataset.layer + "/" + row.dataset.feature);
+  row.click();
+  rec("afterFeature", location.hash);
+  rec("mode", document.getElementById("mode").value);
+  document.dispatchEvent(new KeyboardEvent("keydown", { key: "ArrowRight" }));
+  rec("afterKey", location.hash);
+  document.dispatchEvent(new KeyboardEvent("keydown", { key: "Escape" }));
+  rec("afterEscape", location.hash + "|" + document.getElementById("feature").hidden);
+})();
+</script>
+</body>"""
+
+
+def test_browser_click_hover_and_keys(tmp_path):
+    """The page's own handlers, driven by events dispatched from an injected script."""
+    feats, seq = make_features()
+    path = feats.to_html(tmp_path / "view.html", FakeTokenizer(), FakeStats(), sequences=seq, prompt_len=5)
+    path.write_text(path.read_text(encoding="utf-8").replace("</body>", DRIVER), encoding="utf-8")
+    out = run_chromium("--dump-dom", path.resolve().as_uri())
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body[^>]*>", out).group(0)))
+    assert attrs["ready"] == "1"
+    assert attrs["after-click"] == "#t=2"
+    assert attrs["hover-head"].startswith("#5 ") and "(hover)" in attrs["hover-head"]
+    assert attrs["leave-head"].startswith("#2 ")
+    first = f"{LAYERS[0]}/{int(feats.indices[0, 2, 0, 0])}"  # strongest feature of the first layer at position 2
+    assert attrs["clicked-feature"] == first
+    assert attrs["after-feature"] == f"#t=2&amp;f={first}" and attrs["mode"] == "feat"
+    assert attrs["after-key"] == f"#t=3&amp;f={first}"
+    assert attrs["after-escape"] == "#t=3|true"
