@@ -508,7 +508,7 @@ h2 .label .chip { font-size: 12px; }
     box.appendChild(el("p", "hint", hits.length ? "among the top-" + D.k + " at " + hits.length + " of " + nShown +
       " positions; strongest:" : "not among the recorded top-" + D.k + " anywhere in this text"));
     const hl = el("div", "hits");
-    for (const [v, i] of hits.slice(0, 12)) {
+    for (const [v, i] of hits.slice(0, 8)) {
       const a = el("a", null, "#" + toks[i].t + " " + shown(toks[i].id) + " " + fmt(v) + (s && s.max > 0 ? " (" + Math.round(100 * v / s.max) + "%)" : ""));
       a.addEventListener("click", () => select(i, true));
       hl.appendChild(a);
