@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,6 +179,9 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
 def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,
                  total_s: float, extra: dict[str, Any]) -> dict[str, Any]:
     """Print (or, with ``--json``, dump) the features per generated token and a summary."""
+    if getattr(args, "html", None):
+        feats.to_html(args.html, tokenizer, sequences=seq, prompt_len=prompt_len, title=f"sparse-clt-hf: {args.prompt}")
+        extra = {**extra, "html": str(args.html)}
     tokens = token_report(tokenizer, seq, prompt_len, feats, args.show)
     gen = feats.positions(prompt_len - 1, seq.shape[0] - 1)
     mean_l0 = float(gen.l0.float().mean()) if gen.num_positions else 0.0
@@ -193,4 +197,6 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
         print(format_table(tokens))
         print(f"\n{summary['generated_tokens']} tokens generated in {gen_s:.1f} s; layers {feats.layers}; "
               f"mean L0 {mean_l0:.1f} active features per token and layer; total {total_s:.1f} s")
+    if "html" in extra:
+        print(f"saved HTML view to {extra['html']}", file=sys.stderr if args.json else sys.stdout)
     return report

@@ -180,6 +180,27 @@ class Features:
         )
 
     # ------------------------------------------------------------------ IO
+    def to_html(
+        self,
+        path: str | Path,
+        tokenizer: Any,
+        stats: Any = None,
+        row: int = 0,
+        *,
+        sequences: Any = None,
+        prompt_len: int | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Write a self-contained HTML page to read batch row ``row`` token by token: the text shaded by
+        L0 or by a chosen feature, each token's top features per layer, and with ``stats`` (per-feature
+        statistics, :class:`sparse_clt_hf.view.StatsLike`) labels, frequencies and max-activating
+        contexts. ``sequences`` (e.g. ``generate``'s output) adds the last token, which has no features;
+        ``prompt_len`` marks where the generation starts. ``path#t=N`` opens with token N selected.
+        See :mod:`sparse_clt_hf.view`."""
+        from .view import write_html
+
+        return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title)
+
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (metadata: layers, widths)."""
         tensors = {"indices": self.indices, "values": self.values, "l0": self.l0, "mask": self.mask}

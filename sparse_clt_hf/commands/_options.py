@@ -44,3 +44,5 @@ def add_generation_options(parser: argparse.ArgumentParser, prompt_default: str 
     parser.add_argument("--show", type=int, default=4, help="features shown per token (strongest across layers)")
     parser.add_argument("--no-chat-template", dest="chat", action="store_false",
                         help="feed the prompt as plain text instead of through the chat template")
+    parser.add_argument("--html", default=None, metavar="PATH",
+                        help="also write a self-contained HTML page to explore the features token by token")
