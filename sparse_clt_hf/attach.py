@@ -3,8 +3,10 @@
 The attachment is the user's handle: it owns the hooks (registered by the
 :class:`~sparse_clt_hf.capture.FeatureRecorder`), joins the model's generate tap, and gives back
 features per call. Everything is checked before the first hook is registered, so a bad argument
-leaves the model untouched. Hooks never modify inputs or outputs: the model's results are bitwise
-unchanged. A deep copy of an attached model is a plain model (no hook, no wrapper).
+leaves the model untouched. The recorder's hooks never modify inputs or outputs: the model's results
+are bitwise unchanged unless a feature is steered (:meth:`CLTAttachment.steer`, see
+:mod:`sparse_clt_hf.capture.steering`). A deep copy of an attached model is a plain model (no hook, no
+wrapper).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CaptureStats, FeatureRecorder, StepCallback
+from .capture.steering import MODES, Steer, Steering, SteeringHandle, check_positions, check_value
 from .capture.tap import CallInfo, GenerateTap
 from .errors import AlignmentError, HookSiteError, IncompatibleTranscoderError
 from .features import Features
 from .sites import find_decoder_layers, model_dims, resolve_site
 from .transcoder import CrossLayerTranscoder, check_compatible
 
-__all__ = ["CLTAttachment", "StepCallback", "attach_clt"]
+__all__ = ["CLTAttachment", "SteeringHandle", "StepCallback", "attach_clt"]
 
 
 class CLTAttachment:
@@ -52,6 +55,7 @@ class CLTAttachment:
         dtype: torch.dtype | None = None,
         site: str | None = None,
         on_step: StepCallback | None = None,
+        source: Any = None,
     ) -> None:
         _check_options(top_k, activation_threshold, chunk_size, window, dtype, site, on_step)
         self.model = model
@@ -70,13 +74,7 @@ class CLTAttachment:
         self.layers = wanted
         self.site = site or transcoder.config.input_site
         # Resolve every hook point before registering anything, so a bad site leaves no hook behind.
-        points = {layer: resolve_site(model, self.site, layer) for layer in wanted}
-        for layer, point in points.items():
-            if not any(m is point.module for m in decoder_layers[layer].modules()):
-                raise HookSiteError(
-                    f"site {self.site!r} resolves to {point.path!r}, which is not inside decoder layer {layer} "
-                    f"({layers_path}.{layer}): a transcoder site must be in the layer it serves"
-                )
+        points = {layer: _site_in_layer(model, self.site, layer, decoder_layers, layers_path) for layer in wanted}
 
         model_dtype = _model_dtype(model)
         compute_dtype = dtype or model_dtype
@@ -99,6 +97,19 @@ class CLTAttachment:
             dtype=model_dtype,
             devices=devices,
         )
+        # where steer() reads decoder rows: the reference (and format, variant) or the in-memory transcoder
+        self._source = source if source is not None else {"source": transcoder}
+        output_site = self.transcoder.config.output_site
+        self._steering = Steering(
+            stack,
+            self.transcoder,
+            points,
+            lambda j: _site_in_layer(model, output_site, j, decoder_layers, layers_path),
+            top_k=top_k,
+            activation_threshold=activation_threshold,
+        )
+        self._target_devices = {j: _layer_device(layer) for j, layer in enumerate(decoder_layers)}
+        self._model_dtype = model_dtype
         self._handles: list[RemovableHandle] = []
         self._attached = True
         try:
@@ -153,6 +164,9 @@ class CLTAttachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        had_hooks = had_hooks or bool(self._steering.handles)
+        self._steering.remove()
+        self._recorder.layer_encoders = {}
         if had_hooks:
             _forget_compiled_code(self.model)
         if self._attached:
@@ -178,18 +192,106 @@ class CLTAttachment:
             f"attached={self._attached})"
         )
 
+    # ------------------------------------------------------------------ steering
+    def steer(
+        self, layer: int, feature: int, value: float, mode: str = "clamp", positions: str | slice = "all"
+    ) -> SteeringHandle:
+        """Steer ``feature`` of source ``layer`` on every forward pass (generate: prefill and every decode step).
+
+        ``mode``: ``"clamp"`` (a' = value; 0 ablates), ``"add"`` (a' = a + value), ``"scale"`` (a' = a * value).
+        ``positions``: ``"all"``, ``"prompt"``, ``"generated"`` (by the generate call's prompt length; a
+        plain forward pass is all prompt), or a slice of absolute positions (indices of ``sequences``).
+        ``(a' - a) * W_dec[feature -> j]`` is added at the output site of every layer ``j`` the feature
+        writes to; the transcoder's error stays in the stream. Recorded features show ``a'``. Only this
+        feature's decoder rows are read, onto each target layer's device and dtype. Every argument is
+        checked (and the rows read) before anything changes. Returns a handle: ``remove()``, ``set(value)``.
+        """
+        self._check_attached()
+        if not _is_int(layer) or int(layer) not in self.layers:
+            raise IncompatibleTranscoderError(
+                f"cannot steer layer {layer!r}: this attachment has transcoder layers {self.layers}"
+            )
+        layer = int(layer)
+        width = self.transcoder.encoder(layer).n_features
+        if not _is_int(feature) or not 0 <= int(feature) < width:
+            raise ValueError(f"feature must be an integer in [0, {width}) for layer {layer}, got {feature!r}")
+        feature = int(feature)
+        value = check_value(value)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        positions = check_positions(positions)
+        if any(s.layer == layer and s.feature == feature for s in self._steering.steers):
+            raise ValueError(
+                f"feature {feature} of layer {layer} is already steered: remove that steer or set() its value"
+            )
+        if self._recorder.in_call:
+            raise RuntimeError("steer() cannot be called while generate() runs; use handle.set(value) to change a value")
+        from .loading import load_decoder_rows
+
+        rows = load_decoder_rows(self._source["source"], layer, [feature], format=self._source.get("format"),
+                                 variant=self._source.get("variant"))[0]  # [n_out, d]
+        n_out = 1 if self.transcoder.config.is_plt else rows.shape[0]
+        depth = len(self._target_devices)
+        targets = {layer + i: rows[i] for i in range(min(n_out, depth - layer))}
+        for j in targets:
+            self._steering.output_point(j)  # resolve every output site before anything changes
+        new = Steer(layer, feature, value, mode, positions, rows={
+            j: r.to(device=self._target_devices[j], dtype=self._model_dtype) for j, r in targets.items()
+        })
+        self._apply_steers([*self._steering.steers, new])
+        return SteeringHandle(self, new)
+
+    def clear_steering(self) -> None:
+        """Remove every steer (the model runs bitwise as without steering again)."""
+        if self._steering.steers:
+            self._apply_steers([])
+
+    @property
+    def steering(self) -> list[dict[str, Any]]:
+        """The active steers: layer, feature, value, mode, positions, target layers."""
+        return [s.to_dict() for s in self._steering.steers]
+
+    def _apply_steers(self, steers: list[Steer]) -> None:
+        if self._recorder.in_call:
+            raise RuntimeError("steers cannot be added or removed while generate() runs; use handle.set(value)")
+        self._recorder.flush()  # what is buffered was recorded under the previous steers
+        self._steering.set_steers(steers)
+        self._recorder.layer_encoders = self._steering.record_encoders()
+        _forget_compiled_code(self.model)
+
+    def _remove_steer(self, steer: Steer) -> None:
+        if any(s is steer for s in self._steering.steers):
+            self._apply_steers([s for s in self._steering.steers if s is not steer])
+
+    def _set_steer_value(self, steer: Steer, value: float) -> None:
+        value = check_value(value)
+        if not any(s is steer for s in self._steering.steers):
+            raise ValueError("this steer was removed; call steer() again")
+        self._recorder.flush()
+        self._steering.set_value(steer, value)
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this attachment was detached; attach the transcoder again to steer")
+
     # ------------------------------------------------------------------ generate tap listener
     def begin_call(self, info: CallInfo) -> None:
         self._recorder.begin_call(info)
+        if self._steering.active:
+            self._steering.begin_call(info)
 
     def on_step_end(self, sequences: torch.Tensor) -> None:
         self._recorder.on_step_end(sequences)
 
     def end_call(self, expected: int | None, what: str) -> None:
-        self._recorder.end_call(expected, what)
+        try:
+            self._recorder.end_call(expected, what)
+        finally:
+            self._steering.end_call()
 
     def abort_call(self) -> None:
         self._recorder.abort_call()
+        self._steering.end_call()
 
 
 # ---------------------------------------------------------------------------- copies
@@ -214,7 +316,7 @@ class _CopyGuard:
             clone = copy.deepcopy(model, memo)
         finally:
             model.__dict__.update(saved)
-        ours = {h.id for att in self.attachments for h in att._handles}
+        ours = {h.id for att in self.attachments for h in (*att._handles, *att._steering.handles)}
         for mod in clone.modules():
             for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
                 table = mod.__dict__.get(name)
@@ -331,6 +433,17 @@ def _forget_compiled_code(model: nn.Module) -> None:
         torch._dynamo.reset()
 
 
+def _site_in_layer(model: nn.Module, site: str, layer: int, decoder_layers: nn.ModuleList, path: str) -> Any:
+    """The hook point of ``site`` for ``layer``, which must lie inside that decoder layer."""
+    point = resolve_site(model, site, layer)
+    if not any(m is point.module for m in decoder_layers[layer].modules()):
+        raise HookSiteError(
+            f"site {site!r} resolves to {point.path!r}, which is not inside decoder layer {layer} "
+            f"({path}.{layer}): a transcoder site must be in the layer it serves"
+        )
+    return point
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     dtype = getattr(model, "dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
@@ -379,10 +492,15 @@ def attach_clt(
     (it implies ``window=1``). ``site`` overrides the transcoder's hook site.
     """
     _check_options(top_k, activation_threshold, chunk_size, window, dtype, site, on_step)
+    source = None
     if not isinstance(transcoder, CrossLayerTranscoder):
+        from .io.refs import resolve
         from .loading import load_for_model
 
-        transcoder = load_for_model(transcoder, model, layers=layers, format=format, **hub_kwargs)
+        variant = hub_kwargs.pop("variant", None)
+        ref = resolve(transcoder, **hub_kwargs)  # steer() reads decoder rows from the same reference
+        source = {"source": ref, "format": format, "variant": variant}
+        transcoder = load_for_model(ref, model, layers=layers, format=format, variant=variant)
     return CLTAttachment(
         model,
         transcoder,
@@ -394,4 +512,5 @@ def attach_clt(
         dtype=dtype,
         site=site,
         on_step=on_step,
+        source=source,
     )

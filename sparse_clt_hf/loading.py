@@ -9,15 +9,25 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleTranscoderError
-from .formats import Description, describe, read_encoders
+import torch
+
+from .errors import IncompatibleTranscoderError, TranscoderFormatError
+from .formats import Description, describe, detect_format, format_module, read_encoders
+from .formats.circuit_tracer import CLT_KIND, read_config
 from .io.refs import Reference, RefLike, resolve
 from .io.sources import FileSource
 from .layer_encoder import TranscoderConfig, check_compatible
 from .sites import model_dims
 from .transcoder import CrossLayerTranscoder
 
-__all__ = ["check_before_download", "check_description", "describe", "load_for_model", "load_transcoder"]
+__all__ = [
+    "check_before_download",
+    "check_description",
+    "describe",
+    "load_decoder_rows",
+    "load_for_model",
+    "load_transcoder",
+]
 
 
 def load_transcoder(
@@ -100,3 +110,66 @@ def load_for_model(
     check_description(desc, model, wanted, warn_model_name=False)
     loaded = read_encoders(ref, layers=wanted, format=desc.format, variant=variant)
     return CrossLayerTranscoder(loaded.config, loaded.encoders)
+
+
+def load_decoder_rows(
+    source: CrossLayerTranscoder | RefLike,
+    layer: int,
+    features: Iterable[int],
+    *,
+    format: str | None = None,
+    variant: str | None = None,
+) -> torch.Tensor:
+    """The decoder rows ``W_dec[features]`` of source ``layer``: ``[n_features, n_out, d]`` (``n_out`` 1 for
+    a PLT), in the stored dtype, on the CPU (or where an in-memory transcoder keeps them).
+
+    Reads as little as the layout allows: an in-memory transcoder is sliced; the native circuit-tracer
+    layout (``W_dec_{i}.safetensors`` of a CLT, ``layer_{i}.safetensors`` of a PLT) is read row by row
+    with safetensors slices (a Hub file is downloaded once into the cache, but only the rows are read
+    into memory); any other format loads that one layer with its decoder (``load(..., decoders=True)``)
+    and keeps the rows, so its peak memory is that layer's whole decoder. A transcoder without decoders
+    raises :class:`TranscoderFormatError` naming the layer.
+    """
+    feats = [int(f) for f in features]
+    if isinstance(source, CrossLayerTranscoder):
+        W = source.encoder(layer).W_dec
+        if W is None:
+            raise TranscoderFormatError(f"layer {layer}: the transcoder has no decoder (W_dec); load it with decoders")
+        return W.detach()[feats].clone()
+    ref = resolve(source)
+    name = format or ref.format_hint or detect_format(ref.source)
+    if name == "circuit_tracer":
+        rows = _native_rows(ref.source, layer, feats)
+        if rows is not None:
+            return rows
+    loaded = format_module(name).load(ref.source, [int(layer)], True, variant=variant)
+    W = loaded.encoder(int(layer)).W_dec
+    if W is None:
+        raise TranscoderFormatError(f"{ref.name}: layer {layer} has no decoder (W_dec), which steering needs")
+    return W[feats].clone()
+
+
+def _native_rows(source: FileSource, layer: int, feats: list[int]) -> torch.Tensor | None:
+    """Rows from the native layout's safetensors file by slices; None for a layout this does not cover
+    (a ``transcoders:`` list pointing at other formats' files)."""
+    from safetensors import safe_open
+
+    cfg = read_config(source) or {}
+    if cfg.get("transcoders"):
+        return None
+    clt = cfg.get("model_kind") == CLT_KIND
+    fname, key = (f"W_dec_{layer}.safetensors", f"W_dec_{layer}") if clt else (f"layer_{layer}.safetensors", "W_dec")
+    if not source.exists(fname):
+        what = "its decoder file" if clt else "its layer file"
+        raise TranscoderFormatError(f"{source.name}: layer {layer} has no decoder ({what} {fname} is missing)")
+    path = source.fetch(fname)
+    with safe_open(str(path), framework="pt") as f:
+        if key not in f.keys():
+            raise TranscoderFormatError(f"{source.name}/{fname}: layer {layer} has no decoder tensor {key!r}")
+        sl = f.get_slice(key)
+        shape = sl.get_shape()
+        bad = [x for x in feats if not 0 <= x < shape[0]]
+        if bad:
+            raise TranscoderFormatError(f"{source.name}/{fname}: features {bad} out of range ({shape[0]} rows)")
+        rows = torch.cat([sl[x : x + 1] for x in feats]) if feats else torch.empty(0, *shape[1:])
+    return rows if rows.ndim == 3 else rows.unsqueeze(1)

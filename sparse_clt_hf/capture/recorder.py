@@ -57,6 +57,7 @@ class _Pass:
     mask: torch.Tensor
     tokens: torch.Tensor | None
     slot: int = 0
+    start: int = 0  # record position of the pass's first recorded input
     staged: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
 
@@ -92,6 +93,11 @@ class FeatureRecorder:
         self.widths = [transcoder.encoder(x).n_features for x in self.layers]
         self.stats = CaptureStats()
         self.buffer = DecodeBuffer(self.layers, dict(devices), dtype, transcoder.config.d_model)
+        #: Per-layer encoders that replace ``encode_sparse`` for a layer (steering sets them for steered
+        #: layers): ``fn(rows [batch * n, d], batch, start) -> (values, indices, l0)`` for positions
+        #: ``start..start+n`` of the record. Used for buffered windows and unbuffered passes alike;
+        #: whoever changes them flushes first, so a window is encoded under one setting.
+        self.layer_encoders: dict[int, Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]]] = {}
 
         self.records: list[Record] = []
         self.current: Record | None = None
@@ -246,7 +252,8 @@ class FeatureRecorder:
         buffered = window > 1 and self.buffer.slots + new <= window
         if not buffered and self.buffer.slots:
             self.flush()  # keep positions in order: what is buffered comes before this pass
-        self._pass = _Pass(rec, where.skip, new, buffered, mask, tokens, slot=self.buffer.slots if buffered else 0)
+        self._pass = _Pass(rec, where.skip, new, buffered, mask, tokens, slot=self.buffer.slots if buffered else 0,
+                           start=where.start + where.skip)
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> None:
         """The site hook. A hot path (every layer of every decode step): no syncs, no allocation."""
@@ -266,7 +273,7 @@ class FeatureRecorder:
             p.staged[layer] = ()
             return None
         batch = h.shape[0]
-        values, indices, l0 = self._encode(layer, h.reshape(-1, h.shape[-1]))
+        values, indices, l0 = self._encode(layer, h.reshape(-1, h.shape[-1]), batch, p.start)
         p.staged[layer] = (values.view(batch, -1, self.top_k), indices.view(batch, -1, self.top_k), l0.view(batch, -1))
         return None
 
@@ -388,7 +395,7 @@ class FeatureRecorder:
             return
         rows = self.buffer.take(n)
         for layer in self.layers:
-            values, indices, l0 = self._encode(layer, rows[layer].reshape(rec.batch * n, -1))
+            values, indices, l0 = self._encode(layer, rows[layer].reshape(rec.batch * n, -1), rec.batch, rec.length)
             rec.add(
                 layer,
                 values.view(rec.batch, n, self.top_k),
@@ -405,12 +412,19 @@ class FeatureRecorder:
         self.stats.flushes += 1
         self._drop_buffer()
 
-    def _encode(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, layer: int, rows: torch.Tensor, batch: int, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k of ``rows`` [batch * n, d], record positions ``start..start+n`` of each row."""
         self._encoder_on(layer, rows.device)
         t0 = time.perf_counter()
-        out = self.transcoder.encode_sparse(
-            rows, layer, self.top_k, activation_threshold=self.activation_threshold, chunk_size=self.chunk_size
-        )
+        override = self.layer_encoders.get(layer)
+        if override is not None:
+            out = override(rows, batch, start)
+        else:
+            out = self.transcoder.encode_sparse(
+                rows, layer, self.top_k, activation_threshold=self.activation_threshold, chunk_size=self.chunk_size
+            )
         self.stats.seconds += time.perf_counter() - t0
         self.stats.encode_calls += 1
         self.stats.rows += rows.shape[0]
