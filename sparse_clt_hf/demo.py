@@ -162,12 +162,17 @@ def format_table(tokens: list[dict[str, Any]]) -> str:
 
 
 def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new_tokens: int = 32,
-                           top_k: int = 8, layers: list[int] | None = None, chat: bool = True):
-    """Greedy generation with the transcoder attached: ``(sequence [S], prompt_len, Features, seconds)``."""
+                           top_k: int = 8, layers: list[int] | None = None, chat: bool = True,
+                           steer: list[dict[str, Any]] | None = None):
+    """Greedy generation with the transcoder attached: ``(sequence [S], prompt_len, Features, seconds)``.
+
+    ``steer``: ``{"layer", "feature", "value", "mode"}`` dicts passed to :meth:`CLTAttachment.steer`."""
     from .attach import attach_clt
 
     enc = chat_input(tokenizer, prompt, chat)
     with attach_clt(model, transcoder, top_k=top_k, layers=layers) as clt:
+        for s in steer or []:
+            clt.steer(s["layer"], s["feature"], s["value"], mode=s.get("mode", "clamp"))
         start = time.perf_counter()
         out, feats = clt.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id)

@@ -16,7 +16,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clt", required=True, help="transcoder folder or Hub reference")
     parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
     parser.add_argument("--out", default=None, help="save the features to this .safetensors file")
+    parser.add_argument("--steer", action="append", default=[], type=steer_arg, metavar="L:F=VALUE[:mode]",
+                        help="steer feature F of layer L while generating (mode clamp|add|scale, default "
+                             "clamp; 0 ablates); repeatable")
     add_generation_options(parser, None)
+
+
+def steer_arg(text: str) -> dict[str, Any]:
+    """``"6:123=8"`` / ``"6:123=-2:add"`` -> ``{"layer": 6, "feature": 123, "value": 8.0, "mode": "clamp"}``."""
+    where, eq, what = text.partition("=")
+    layer, colon, feature = where.partition(":")
+    value, _, mode = what.partition(":")
+    try:
+        if not (eq and colon):
+            raise ValueError
+        return {"layer": int(layer), "feature": int(feature), "value": float(value), "mode": mode or "clamp"}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--steer {text!r}: expected LAYER:FEATURE=VALUE[:clamp|add|scale], e.g. 7:123=8"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = demo.load_model(args.model)
     seq, prompt_len, feats, gen_s = demo.generate_with_features(
         model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-        layers=layers, chat=args.chat,
+        layers=layers, chat=args.chat, steer=args.steer,
     )
     extra: dict[str, Any] = {"transcoder": args.clt}
+    if args.steer:
+        extra["steers"] = args.steer
     if args.out:
         feats.save(args.out)
         extra["saved"] = str(args.out)
