@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CaptureStats, FeatureRecorder, StepCallback
-from .capture.steering import MODES, Steer, Steering, SteeringHandle, check_positions, check_value
+from .capture.steering import Steer, Steering, SteeringHandle, check_steer, check_value
 from .capture.tap import CallInfo, GenerateTap
 from .errors import AlignmentError, HookSiteError, IncompatibleTranscoderError
 from .features import Features
@@ -207,25 +207,11 @@ class CLTAttachment:
         checked (and the rows read) before anything changes. Returns a handle: ``remove()``, ``set(value)``.
         """
         self._check_attached()
-        if not _is_int(layer) or int(layer) not in self.layers:
-            raise IncompatibleTranscoderError(
-                f"cannot steer layer {layer!r}: this attachment has transcoder layers {self.layers}"
-            )
-        layer = int(layer)
-        width = self.transcoder.encoder(layer).n_features
-        if not _is_int(feature) or not 0 <= int(feature) < width:
-            raise ValueError(f"feature must be an integer in [0, {width}) for layer {layer}, got {feature!r}")
-        feature = int(feature)
-        value = check_value(value)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        positions = check_positions(positions)
-        if any(s.layer == layer and s.feature == feature for s in self._steering.steers):
-            raise ValueError(
-                f"feature {feature} of layer {layer} is already steered: remove that steer or set() its value"
-            )
         if self._recorder.in_call:
             raise RuntimeError("steer() cannot be called while generate() runs; use handle.set(value) to change a value")
+        widths = dict(zip(self.layers, self.widths))
+        new = check_steer(layer, feature, value, mode, positions, widths, self._steering.steers)
+        layer, feature = new.layer, new.feature
         from .loading import load_decoder_rows
 
         rows = load_decoder_rows(self._source["source"], layer, [feature], format=self._source.get("format"),
@@ -235,9 +221,7 @@ class CLTAttachment:
         targets = {layer + i: rows[i] for i in range(min(n_out, depth - layer))}
         for j in targets:
             self._steering.output_point(j)  # resolve every output site before anything changes
-        new = Steer(layer, feature, value, mode, positions, rows={
-            j: r.to(device=self._target_devices[j], dtype=self._model_dtype) for j, r in targets.items()
-        })
+        new.rows = {j: r.to(device=self._target_devices[j], dtype=self._model_dtype) for j, r in targets.items()}
         self._apply_steers([*self._steering.steers, new])
         return SteeringHandle(self, new)
 

@@ -50,3 +50,11 @@ def test_decode_memory(load_example, capsys):
     assert [r[0] for r in results] == ["plain", "attached", "plain", "attached"]
     assert all(r[3] == 0 for r in results[::2]) and all(r[3] > 0 for r in results[1::2])
     assert "peak RSS above start" in capsys.readouterr().out
+
+
+def test_steering(load_example, capsys):
+    result = load_example("steering").main("hello", max_new_tokens=8)
+    assert result["reads"] == [round(result["value"], 4)]  # the steered feature reads the clamped value
+    assert result["steered_ids"] != result["plain_ids"]
+    out = capsys.readouterr().out
+    assert "plain:" in out and "steered:" in out and "clamped to" in out

@@ -401,3 +401,52 @@ def test_generate_cli_steer_json(tmp_path, capsys):
     assert "feature must be an integer in [0, 64)" in json.loads(capsys.readouterr().out)["error"]
     with pytest.raises(SystemExit):
         cli.main(base + ["--steer", "1=2"])
+
+
+# ---------------------------------------------------------------------------- compiled decoding (slow)
+def _compile_config():
+    from test_capture_modes import _compile_config as cfg
+
+    return cfg()
+
+
+@pytest.fixture
+def no_recompile():
+    import torch._dynamo
+
+    yield lambda: setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["forward", "compile_config"])
+def test_compiled_decoding_steers_every_step_and_new_values_do_not_recompile(how, no_recompile):
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True)
+    kw = generate_kw(max_new_tokens=7, cache_implementation="static")
+    f = busy_feature(model, tc, 1, kw)
+    prompt = kw["input_ids"].shape[1]
+    steers = {v: [(1, f, v, "clamp", (prompt, END))] for v in (9.0, -4.0)}
+    expected = {v: ref_generate(model, "llama", tc, s, **kw) for v, s in steers.items()}
+    plain = model.generate(**kw)
+    if how == "compile_config":
+        kw["compile_config"] = _compile_config()
+    with attach_clt(model, tc, top_k=TOP_K, window=3) as clt:
+        h = clt.steer(1, f, 9.0, positions="generated")
+        if how == "forward":
+            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+        try:
+            first, f1 = clt.generate(**kw)
+            no_recompile()
+            h.set(-4.0)
+            second, f2 = clt.generate(**kw)
+            torch._dynamo.config.error_on_recompile = False
+            h.remove()
+            third, _ = clt.generate(**kw)
+        finally:
+            model.__dict__.pop("forward", None)
+    assert torch.equal(first, expected[9.0]) and torch.equal(second, expected[-4.0])
+    assert not torch.equal(first, plain) and torch.equal(third, plain)
+    for out, feats, v in ((first, f1, 9.0), (second, f2, -4.0)):
+        check_features(feats, model, "llama", tc, steers[v], out, full_mask(out, kw["attention_mask"]))

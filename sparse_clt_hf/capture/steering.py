@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import HookSiteError
+from ..errors import HookSiteError, IncompatibleTranscoderError
 from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import _mark_static
@@ -355,6 +355,33 @@ def _stack_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ref
 
 
+def check_steer(
+    layer: object, feature: object, value: object, mode: object, positions: object,
+    widths: Mapping[int, int], active: list[Steer],
+) -> Steer:
+    """A validated :class:`Steer` (no rows yet); ``widths``: the attachment's layer -> n_features."""
+    if not _is_int(layer) or int(layer) not in widths:  # type: ignore[call-overload]
+        raise IncompatibleTranscoderError(
+            f"cannot steer layer {layer!r}: this attachment has transcoder layers {list(widths)}"
+        )
+    layer = int(layer)  # type: ignore[call-overload]
+    width = widths[layer]
+    if not _is_int(feature) or not 0 <= int(feature) < width:  # type: ignore[call-overload]
+        raise ValueError(f"feature must be an integer in [0, {width}) for layer {layer}, got {feature!r}")
+    feature = int(feature)  # type: ignore[call-overload]
+    number = check_value(value)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    where = check_positions(positions)
+    if any(s.layer == layer and s.feature == feature for s in active):
+        raise ValueError(f"feature {feature} of layer {layer} is already steered: remove that steer or set() its value")
+    return Steer(layer, feature, number, str(mode), where)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_value(value: object) -> float:
     """A steering value as a float: a finite real number (a one-element tensor is accepted)."""
     if torch.is_tensor(value) and value.numel() == 1 and value.dtype != torch.bool:
@@ -425,4 +452,14 @@ class SteeringHandle:
         return (f"SteeringHandle(layer={s.layer}, feature={s.feature}, value={s.value}, mode={s.mode!r}, "
                 f"positions={s.to_dict()['positions']!r}, active={self.active})")
 
-__all__ = ["MODES", "POSITION_NAMES", "RecordEncoder", "Steer", "Steering", "SteeringHandle", "check_positions", "check_value"]
+__all__ = [
+    "MODES",
+    "POSITION_NAMES",
+    "RecordEncoder",
+    "Steer",
+    "Steering",
+    "SteeringHandle",
+    "check_positions",
+    "check_steer",
+    "check_value",
+]
