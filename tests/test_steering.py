@@ -450,3 +450,25 @@ def test_compiled_decoding_steers_every_step_and_new_values_do_not_recompile(how
     assert not torch.equal(first, plain) and torch.equal(third, plain)
     for out, feats, v in ((first, f1, 9.0), (second, f2, -4.0)):
         check_features(feats, model, "llama", tc, steers[v], out, full_mask(out, kw["attention_mask"]))
+
+
+def test_recomputed_prefix_chunked_prefill_and_bf16():
+    """use_cache=False steers the recomputed prefix too; prefill_chunk_size; bf16 with activation_threshold."""
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True)
+    steers = [(0, 5, 4.0, "add", (0, END))]
+    for extra in ({"use_cache": False}, {"prefill_chunk_size": 2}):
+        kw = generate_kw(**extra)
+        expected = ref_generate(model, "llama", tc, steers, **kw)
+        with attach_clt(model, tc, top_k=TOP_K, window=2) as clt:
+            clt.steer(0, 5, 4.0, mode="add")
+            out, feats = clt.generate(**kw)
+        assert torch.equal(out, expected)
+        check_features(feats, model, "llama", tc, steers, out, full_mask(out, kw["attention_mask"]))
+    model = model.to(torch.bfloat16)
+    with attach_clt(model, tc, top_k=TOP_K, activation_threshold=0.05) as clt:
+        clt.steer(1, 3, 2.5)
+        _, feats = clt.generate(**generate_kw())
+    hit = feats.indices[:, :, 1] == 3
+    assert hit.any(-1)[feats.mask].all() and torch.all(feats.values[:, :, 1][hit] == 2.5)
+    assert feats.values.dtype == torch.bfloat16
