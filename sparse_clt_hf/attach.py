@@ -4,7 +4,7 @@ The attachment is the user's handle: it owns the hooks (registered by the
 :class:`~sparse_clt_hf.capture.FeatureRecorder`), joins the model's generate tap, and gives back
 features per call. Everything is checked before the first hook is registered, so a bad argument
 leaves the model untouched. Hooks never modify inputs or outputs: the model's results are bitwise
-unchanged. A deep copy of an attached model is a plain model (no hook, no wrapper).
+unchanged. A deep copy (or pickle) of an attached model is a plain model (no hook, no wrapper).
 """
 
 from __future__ import annotations
@@ -96,8 +96,7 @@ class CLTAttachment:
             chunk_size=chunk_size,
             window=window,
             on_step=on_step,
-            dtype=model_dtype,
-            devices=devices,
+            placement=lambda: ({x: _layer_device(decoder_layers[x]) for x in wanted}, _model_dtype(model)),
         )
         self._handles: list[RemovableHandle] = []
         self._attached = True
@@ -194,47 +193,65 @@ class CLTAttachment:
 
 # ---------------------------------------------------------------------------- copies
 class _CopyGuard:
-    """Makes ``copy.deepcopy(model)`` of an attached model a plain model: no hook, no generate wrapper.
+    """Makes ``copy.deepcopy(model)`` and ``pickle.dumps(model)`` of an attached model a plain model.
 
-    Installed as the instance's ``__deepcopy__`` (which ``copy.deepcopy`` looks up on the instance):
-    it copies the model as if nothing were attached, then removes, from the copy, the hooks whose
-    ids are ours and the wrapper's instance attributes.
+    Installed as the instance's ``__deepcopy__`` and ``__reduce_ex__`` (which ``copy`` and ``pickle``
+    look up on the instance): for the time of the copy it takes our hooks, the generate wrapper and
+    itself off the model (restoring every hook table in its order afterwards), so the copy is what
+    the model would be without any attachment. Pickling goes through such a copy (memory: one model).
     """
 
     ATTR = "_sparse_clt_copy_guard"
+    SLOTS = ("__deepcopy__", "__reduce_ex__")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.attachments: list[CLTAttachment] = []
 
-    def __call__(self, memo: dict) -> nn.Module:
+    def deepcopy(self, memo: dict) -> nn.Module:
         model = self.model
-        saved = {k: model.__dict__.pop(k) for k in ("__deepcopy__", self.ATTR) if k in model.__dict__}
-        try:
-            clone = copy.deepcopy(model, memo)
-        finally:
-            model.__dict__.update(saved)
+        keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, "generate")
+        tap = model.__dict__.get(GenerateTap.ATTR)
+        saved_attrs = {k: model.__dict__.pop(k) for k in keys if k in model.__dict__}
+        if tap is not None and tap.had_instance_attr:
+            model.__dict__["generate"] = tap.saved_instance_attr
+        tables = self._hook_tables()
+        saved_tables = [(t, list(t.items())) for t in tables]
         ours = {h.id for att in self.attachments for h in att._handles}
-        for mod in clone.modules():
-            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-                table = mod.__dict__.get(name)
-                if table is not None:
-                    for hid in ours & set(table):
-                        del table[hid]
-        tap = clone.__dict__.pop(GenerateTap.ATTR, None)
-        if tap is not None:
-            if tap.had_instance_attr:
-                clone.__dict__["generate"] = tap.saved_instance_attr
-            else:
-                clone.__dict__.pop("generate", None)
-        return clone
+        for t in tables:
+            for hid in ours & set(t):
+                del t[hid]
+        try:
+            return copy.deepcopy(model, memo)
+        finally:
+            for t, items in saved_tables:
+                t.clear()
+                t.update(items)
+            model.__dict__.pop("generate", None)
+            model.__dict__.update(saved_attrs)
+
+    def reduce_ex(self, protocol: int) -> Any:
+        return copy.deepcopy(self.model).__reduce_ex__(protocol)
+
+    def _hook_tables(self) -> list[dict]:
+        """Every hook table (forward hooks, pre-hooks, their kwargs flags) that holds one of our hooks."""
+        tables: dict[int, dict] = {}
+        for att in self.attachments:
+            for handle in att._handles:
+                refs = [handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())]
+                for ref in refs:
+                    table = ref()
+                    if table is not None:
+                        tables[id(table)] = table
+        return list(tables.values())
 
     @classmethod
     def join(cls, model: nn.Module, att: CLTAttachment) -> None:
         guard = model.__dict__.get(cls.ATTR)
         if guard is None:
             guard = model.__dict__[cls.ATTR] = cls(model)
-            model.__dict__["__deepcopy__"] = guard
+            model.__dict__["__deepcopy__"] = guard.deepcopy
+            model.__dict__["__reduce_ex__"] = guard.reduce_ex
         guard.attachments.append(att)
 
     @classmethod
@@ -245,9 +262,8 @@ class _CopyGuard:
         if att in guard.attachments:
             guard.attachments.remove(att)
         if not guard.attachments:
-            model.__dict__.pop(cls.ATTR, None)
-            if model.__dict__.get("__deepcopy__") is guard:
-                del model.__dict__["__deepcopy__"]
+            for key in (cls.ATTR, *cls.SLOTS):
+                model.__dict__.pop(key, None)
 
 
 # ---------------------------------------------------------------------------- validation

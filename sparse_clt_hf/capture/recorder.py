@@ -75,8 +75,7 @@ class FeatureRecorder:
         chunk_size: int | None,
         window: int | None,
         on_step: StepCallback | None,
-        dtype: torch.dtype,
-        devices: Mapping[int, torch.device],
+        placement: Callable[[], tuple[dict[int, torch.device], torch.dtype]],
     ) -> None:
         self.model = model
         self.stack = stack
@@ -88,10 +87,11 @@ class FeatureRecorder:
         self.chunk_size = chunk_size
         self.on_step = on_step
         self.window_setting = 1 if on_step is not None else window
-        self.dtype = dtype
+        self.placement = placement  # where each layer runs and the model's dtype, now
+        devices, self.dtype = placement()
         self.widths = [transcoder.encoder(x).n_features for x in self.layers]
         self.stats = CaptureStats()
-        self.buffer = DecodeBuffer(self.layers, dict(devices), dtype, transcoder.config.d_model)
+        self.buffer = DecodeBuffer(self.layers, devices, self.dtype, transcoder.config.d_model)
 
         self.records: list[Record] = []
         self.current: Record | None = None
@@ -126,13 +126,15 @@ class FeatureRecorder:
         self._pass = None  # a pass that started but never finished (it raised) is forgotten
         self.flush()
         self.buffer.check("reading features")
-        return self.records + ([self.current] if self.current is not None else [])
+        return self.records + ([self.current] if self.current is not None and self.current.length else [])
 
     def reset(self) -> None:
+        """Forget every record and free the decode buffer (made again by the next pass)."""
         self.records.clear()
         self.current = None
         self._pass = None
         self._drop_buffer()
+        self.buffer.free()
 
     # ------------------------------------------------------------------ generate boundaries (called by the tap)
     def begin_call(self, info: CallInfo) -> None:
@@ -186,6 +188,7 @@ class FeatureRecorder:
         self._call = None
         self._pass = None
         self._drop_buffer()
+        self.buffer.clear_flags()
         self.current = None  # nothing half-written is reported
 
     # ------------------------------------------------------------------ model hooks
@@ -349,6 +352,10 @@ class FeatureRecorder:
         self.flush()
         self._commit_current()
         rec = self.current = Record(batch, self.layers, self.top_k, self.widths)
+        devices, dtype = self.placement()
+        if devices != self.buffer.devices or dtype != self.buffer.dtype:  # the model moved since attach
+            self.dtype = dtype
+            self.buffer = DecodeBuffer(self.layers, devices, dtype, self.transcoder.config.d_model)
         self.window = self._window(batch)
         self.buffer.ensure(batch, self.window)
         return rec
