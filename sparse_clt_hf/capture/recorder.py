@@ -39,11 +39,13 @@ from .tap import CallInfo
 
 StepCallback = Callable[[Features], None]
 
-# Rows per batched decode encode: on the 2-core CPU an encode of 256 rows costs 1.12x per row what one of
-# 1024 rows costs, 512 rows 1.0x (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor.
-DEFAULT_BUFFER_ROWS = 512
-DEFAULT_BUFFER_BYTES = 64 * 2**20  # cap on the decode buffer, all layers together
-MAX_WINDOW = 256  # batch 1: one batched encode per 256 decode steps (buffer <= DEFAULT_BUFFER_BYTES)
+#: Decode window per device type: (rows per batched encode, byte cap of the buffer, all layers together).
+#: CPU (2 cores): an encode of 256 rows costs 1.12x per row what one of 1024 rows costs, 512 rows 1.0x
+#: (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor. CUDA: a flush is a burst of launches
+#: (a few per layer) in a launch-bound decode loop, so fewer, larger windows; memory is plentiful.
+WINDOW_TUNING: dict[str, tuple[int, int]] = {"cpu": (512, 64 << 20), "cuda": (8192, 512 << 20)}
+DEFAULT_WINDOW_TUNING = (512, 64 << 20)
+MAX_WINDOW = 256  # decode steps per window at most (batch 1 on CPU: one batched encode per 256 steps)
 
 
 @dataclass
@@ -377,8 +379,10 @@ class FeatureRecorder:
             return self.window_setting
         d = self.transcoder.config.d_model
         itemsize = torch.finfo(self.dtype).bits // 8
-        by_rows = math.ceil(DEFAULT_BUFFER_ROWS / batch)
-        by_bytes = DEFAULT_BUFFER_BYTES // max(1, batch * d * itemsize * len(self.layers))
+        device = next(iter(self.buffer.devices.values()))
+        rows, cap = WINDOW_TUNING.get(device.type, DEFAULT_WINDOW_TUNING)
+        by_rows = math.ceil(rows / batch)
+        by_bytes = cap // max(1, batch * d * itemsize * len(self.layers))
         return max(1, min(MAX_WINDOW, by_rows, by_bytes))
 
     def _drop_buffer(self) -> None:
