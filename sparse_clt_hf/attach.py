@@ -5,8 +5,8 @@ The attachment is the user's handle: it owns the hooks (registered by the
 features per call. Everything is checked before the first hook is registered, so a bad argument
 leaves the model untouched. The recorder's hooks never modify inputs or outputs: the model's results
 are bitwise unchanged unless a feature is steered (:meth:`CLTAttachment.steer`, see
-:mod:`sparse_clt_hf.capture.steering`). A deep copy of an attached model is a plain model (no hook, no
-wrapper).
+:mod:`sparse_clt_hf.capture.steering`). A deep copy (or pickle) of an attached model is a plain model
+(no hook, no wrapper).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch.utils.hooks import RemovableHandle
 from .capture import CaptureStats, FeatureRecorder, StepCallback
 from .capture.steering import Steer, Steering, SteeringHandle, check_steer, check_value
 from .capture.tap import CallInfo, GenerateTap
-from .errors import AlignmentError, HookSiteError, IncompatibleTranscoderError
+from .errors import AlignmentError, IncompatibleTranscoderError
 from .features import Features
-from .sites import find_decoder_layers, model_dims, resolve_site
+from .sites import find_decoder_layers, model_dims, resolve_site_in_layer
 from .transcoder import CrossLayerTranscoder, check_compatible
 
 __all__ = ["CLTAttachment", "SteeringHandle", "StepCallback", "attach_clt"]
@@ -74,7 +74,7 @@ class CLTAttachment:
         self.layers = wanted
         self.site = site or transcoder.config.input_site
         # Resolve every hook point before registering anything, so a bad site leaves no hook behind.
-        points = {layer: _site_in_layer(model, self.site, layer, decoder_layers, layers_path) for layer in wanted}
+        points = {layer: resolve_site_in_layer(model, self.site, layer) for layer in wanted}
 
         model_dtype = _model_dtype(model)
         compute_dtype = dtype or model_dtype
@@ -94,8 +94,7 @@ class CLTAttachment:
             chunk_size=chunk_size,
             window=window,
             on_step=on_step,
-            dtype=model_dtype,
-            devices=devices,
+            placement=lambda: ({x: _layer_device(decoder_layers[x]) for x in wanted}, _model_dtype(model)),
         )
         # where steer() reads decoder rows: the reference (and format, variant) or the in-memory transcoder
         self._source = source if source is not None else {"source": transcoder}
@@ -104,12 +103,11 @@ class CLTAttachment:
             stack,
             self.transcoder,
             points,
-            lambda j: _site_in_layer(model, output_site, j, decoder_layers, layers_path),
+            lambda j: resolve_site_in_layer(model, output_site, j),
             top_k=top_k,
             activation_threshold=activation_threshold,
         )
-        self._target_devices = {j: _layer_device(layer) for j, layer in enumerate(decoder_layers)}
-        self._model_dtype = model_dtype
+        self._decoder_layers = decoder_layers
         self._handles: list[RemovableHandle] = []
         self._attached = True
         try:
@@ -164,7 +162,9 @@ class CLTAttachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        had_hooks = had_hooks or bool(self._steering.handles)
+        if self._steering.handles:
+            had_hooks = True
+            self._recorder.flush()  # buffered positions of steered layers are recorded as steered
         self._steering.remove()
         self._recorder.layer_encoders = {}
         if had_hooks:
@@ -175,6 +175,9 @@ class CLTAttachment:
             self._attached = False
             self._recorder._pass = None
             self._recorder.flush()
+
+    def _all_handles(self) -> list[RemovableHandle]:
+        return [*self._handles, *self._steering.handles]
 
     @property
     def attached(self) -> bool:
@@ -196,19 +199,14 @@ class CLTAttachment:
     def steer(
         self, layer: int, feature: int, value: float, mode: str = "clamp", positions: str | slice = "all"
     ) -> SteeringHandle:
-        """Steer ``feature`` of source ``layer`` on every forward pass (generate: prefill and every decode step).
+        """Steer ``feature`` of source ``layer`` at every forward pass (generate: prefill and every decode step).
 
-        ``mode``: ``"clamp"`` (a' = value; 0 ablates), ``"add"`` (a' = a + value), ``"scale"`` (a' = a * value).
-        ``positions``: ``"all"``, ``"prompt"``, ``"generated"`` (by the generate call's prompt length; a
-        plain forward pass is all prompt), or a slice of absolute positions (indices of ``sequences``).
-        ``(a' - a) * W_dec[feature -> j]`` is added at the output site of every layer ``j`` the feature
-        writes to; the transcoder's error stays in the stream. Recorded features show ``a'``. Only this
-        feature's decoder rows are read, onto each target layer's device and dtype. Every argument is
-        checked (and the rows read) before anything changes. Returns a handle: ``remove()``, ``set(value)``.
+        ``mode``: ``"clamp"`` (a' = value; 0 ablates), ``"add"`` (a + value), ``"scale"`` (a * value);
+        ``positions``: ``"all"``, ``"prompt"``, ``"generated"`` or a slice of absolute positions. Semantics,
+        memory and modes: :mod:`sparse_clt_hf.capture.steering` and the README. Everything is checked (and
+        the feature's decoder rows read) before anything changes. Returns a handle (``remove()``, ``set()``).
         """
         self._check_attached()
-        if self._recorder.in_call:
-            raise RuntimeError("steer() cannot be called while generate() runs; use handle.set(value) to change a value")
         widths = dict(zip(self.layers, self.widths))
         new = check_steer(layer, feature, value, mode, positions, widths, self._steering.steers)
         layer, feature = new.layer, new.feature
@@ -217,11 +215,12 @@ class CLTAttachment:
         rows = load_decoder_rows(self._source["source"], layer, [feature], format=self._source.get("format"),
                                  variant=self._source.get("variant"))[0]  # [n_out, d]
         n_out = 1 if self.transcoder.config.is_plt else rows.shape[0]
-        depth = len(self._target_devices)
+        depth = len(self._decoder_layers)
         targets = {layer + i: rows[i] for i in range(min(n_out, depth - layer))}
         for j in targets:
             self._steering.output_point(j)  # resolve every output site before anything changes
-        new.rows = {j: r.to(device=self._target_devices[j], dtype=self._model_dtype) for j, r in targets.items()}
+        dtype = _model_dtype(self.model)
+        new.rows = {j: r.to(_layer_device(self._decoder_layers[j]), dtype) for j, r in targets.items()}
         self._apply_steers([*self._steering.steers, new])
         return SteeringHandle(self, new)
 
@@ -280,47 +279,65 @@ class CLTAttachment:
 
 # ---------------------------------------------------------------------------- copies
 class _CopyGuard:
-    """Makes ``copy.deepcopy(model)`` of an attached model a plain model: no hook, no generate wrapper.
+    """Makes ``copy.deepcopy(model)`` and ``pickle.dumps(model)`` of an attached model a plain model.
 
-    Installed as the instance's ``__deepcopy__`` (which ``copy.deepcopy`` looks up on the instance):
-    it copies the model as if nothing were attached, then removes, from the copy, the hooks whose
-    ids are ours and the wrapper's instance attributes.
+    Installed as the instance's ``__deepcopy__`` and ``__reduce_ex__`` (which ``copy`` and ``pickle``
+    look up on the instance): for the time of the copy it takes our hooks, the generate wrapper and
+    itself off the model (restoring every hook table in its order afterwards), so the copy is what
+    the model would be without any attachment. Pickling goes through such a copy (memory: one model).
     """
 
     ATTR = "_sparse_clt_copy_guard"
+    SLOTS = ("__deepcopy__", "__reduce_ex__")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.attachments: list[CLTAttachment] = []
 
-    def __call__(self, memo: dict) -> nn.Module:
+    def deepcopy(self, memo: dict) -> nn.Module:
         model = self.model
-        saved = {k: model.__dict__.pop(k) for k in ("__deepcopy__", self.ATTR) if k in model.__dict__}
+        keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, "generate")
+        tap = model.__dict__.get(GenerateTap.ATTR)
+        saved_attrs = {k: model.__dict__.pop(k) for k in keys if k in model.__dict__}
+        if tap is not None and tap.had_instance_attr:
+            model.__dict__["generate"] = tap.saved_instance_attr
+        tables = self._hook_tables()
+        saved_tables = [(t, list(t.items())) for t in tables]
+        ours = {h.id for att in self.attachments for h in att._all_handles()}
+        for t in tables:
+            for hid in ours & set(t):
+                del t[hid]
         try:
-            clone = copy.deepcopy(model, memo)
+            return copy.deepcopy(model, memo)
         finally:
-            model.__dict__.update(saved)
-        ours = {h.id for att in self.attachments for h in (*att._handles, *att._steering.handles)}
-        for mod in clone.modules():
-            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-                table = mod.__dict__.get(name)
-                if table is not None:
-                    for hid in ours & set(table):
-                        del table[hid]
-        tap = clone.__dict__.pop(GenerateTap.ATTR, None)
-        if tap is not None:
-            if tap.had_instance_attr:
-                clone.__dict__["generate"] = tap.saved_instance_attr
-            else:
-                clone.__dict__.pop("generate", None)
-        return clone
+            for t, items in saved_tables:
+                t.clear()
+                t.update(items)
+            model.__dict__.pop("generate", None)
+            model.__dict__.update(saved_attrs)
+
+    def reduce_ex(self, protocol: int) -> Any:
+        return copy.deepcopy(self.model).__reduce_ex__(protocol)
+
+    def _hook_tables(self) -> list[dict]:
+        """Every hook table (forward hooks, pre-hooks, their kwargs flags) that holds one of our hooks."""
+        tables: dict[int, dict] = {}
+        for att in self.attachments:
+            for handle in att._all_handles():
+                refs = [handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())]
+                for ref in refs:
+                    table = ref()
+                    if table is not None:
+                        tables[id(table)] = table
+        return list(tables.values())
 
     @classmethod
     def join(cls, model: nn.Module, att: CLTAttachment) -> None:
         guard = model.__dict__.get(cls.ATTR)
         if guard is None:
             guard = model.__dict__[cls.ATTR] = cls(model)
-            model.__dict__["__deepcopy__"] = guard
+            model.__dict__["__deepcopy__"] = guard.deepcopy
+            model.__dict__["__reduce_ex__"] = guard.reduce_ex
         guard.attachments.append(att)
 
     @classmethod
@@ -331,9 +348,8 @@ class _CopyGuard:
         if att in guard.attachments:
             guard.attachments.remove(att)
         if not guard.attachments:
-            model.__dict__.pop(cls.ATTR, None)
-            if model.__dict__.get("__deepcopy__") is guard:
-                del model.__dict__["__deepcopy__"]
+            for key in (cls.ATTR, *cls.SLOTS):
+                model.__dict__.pop(key, None)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -415,17 +431,6 @@ def _forget_compiled_code(model: nn.Module) -> None:
     if compiled:
         model.__dict__.pop("_compiled_call", None)
         torch._dynamo.reset()
-
-
-def _site_in_layer(model: nn.Module, site: str, layer: int, decoder_layers: nn.ModuleList, path: str) -> Any:
-    """The hook point of ``site`` for ``layer``, which must lie inside that decoder layer."""
-    point = resolve_site(model, site, layer)
-    if not any(m is point.module for m in decoder_layers[layer].modules()):
-        raise HookSiteError(
-            f"site {site!r} resolves to {point.path!r}, which is not inside decoder layer {layer} "
-            f"({path}.{layer}): a transcoder site must be in the layer it serves"
-        )
-    return point
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

@@ -227,3 +227,15 @@ def resolve_site(model: nn.Module, site: str, layer: int) -> HookPoint:
         )
     path = f"{layers_path}.{layer}" + (f".{sub}" if sub else "")
     return HookPoint(mod, path, which)
+
+
+def resolve_site_in_layer(model: nn.Module, site: str, layer: int) -> HookPoint:
+    """:func:`resolve_site`, checked to lie inside decoder layer ``layer`` (a transcoder site must)."""
+    point = resolve_site(model, site, layer)
+    path, layers = find_decoder_layers(model)
+    if not any(m is point.module for m in layers[layer].modules()):
+        raise HookSiteError(
+            f"site {site!r} resolves to {point.path!r}, which is not inside decoder layer {layer} "
+            f"({path}.{layer}): a transcoder site must be in the layer it serves"
+        )
+    return point

@@ -10,6 +10,7 @@ the final sequences with the same hooks, the steered feature reading ``a'``.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -273,8 +274,11 @@ def test_set_value_and_detach():
     model = tiny_model("llama")
     tc = random_transcoder(decoders=True)
     kw = generate_kw()
+    plain = model.generate(**kw)
     with attach_clt(model, tc, top_k=TOP_K) as clt:
         h = clt.steer(0, 5, 7.0)
+        clone = copy.deepcopy(model)  # a plain model: no recorder and no steering hook
+        assert torch.equal(clone.generate(**kw), plain) and _hook_count(clone) == 0
         h.set(-2.0)
         assert h.value == -2.0 and clt.steering[0]["value"] == -2.0
         out, _ = clt.generate(**kw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -48,7 +50,8 @@ def test_encode_sparse_is_sorted_dense_topk(activation, k, chunk_size):
 @pytest.mark.parametrize("rows", [None, 5])
 def test_feature_blocks_give_the_dense_topk(monkeypatch, activation, k, threshold, rows):
     """A small block budget splits m=1000 into 256-feature blocks: the merged top-k and l0 stay exact."""
-    monkeypatch.setitem(transcoder.BLOCK_BYTES, "cpu", 256 * 4 * 4)
+    cpu_tuning = transcoder.ENCODE_TUNING["cpu"]
+    monkeypatch.setitem(transcoder.ENCODE_TUNING, "cpu", dataclasses.replace(cpu_tuning, block_bytes=256 * 4 * 4))
     assert transcoder.block_shape(16, 1000, 4, torch.device("cpu")) == (16, 256)
     tc = random_transcoder(widths=[1000, 1000, 1000], activation=activation, k=k)
     x = torch.randn(16, 32) * 2
@@ -64,7 +67,8 @@ def test_feature_blocks_give_the_dense_topk(monkeypatch, activation, k, threshol
 def test_block_shape_bounds():
     cpu = torch.device("cpu")
     rows, cols = transcoder.block_shape(4096, 8192, 4, cpu)
-    assert rows == transcoder.BLOCK_ROWS and rows * cols * 4 <= transcoder.BLOCK_BYTES["cpu"]
+    tune = transcoder.ENCODE_TUNING["cpu"]
+    assert rows == tune.block_rows and rows * cols * 4 <= tune.block_bytes
     assert transcoder.block_shape(8, 8192, 4, cpu) == (8, 8192), "a decode step is one block"
     assert transcoder.block_shape(100, 8192, 4, cpu, rows=7) == (7, 8192)
     assert transcoder.block_shape(0, 64, 4, cpu) == (1, 64)
@@ -197,3 +201,37 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(TranscoderFormatError, match="could not recognise.*notes.txt"):
         CrossLayerTranscoder.from_pretrained(tmp_path / "empty")
+
+
+def test_block_shape_per_device():
+    """CUDA tiles features into blocks of at most 4096 (each takes its own top-k), rows fill the budget."""
+    cuda = torch.device("cuda")
+    tune = transcoder.ENCODE_TUNING["cuda"]
+    rows, cols = transcoder.block_shape(32768, 16384, 2, cuda)
+    assert cols == tune.max_cols == 4096 and rows * cols * 2 <= tune.block_bytes and rows >= 4096
+    assert transcoder.block_shape(8, 16384, 2, cuda) == (8, 4096)
+    assert transcoder.block_shape(8, 1000, 2, torch.device("mps")) == (8, 1000), "other devices: one block"
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+def test_fp32_accumulation_selects_the_active_set_of_fp32(monkeypatch, activation):
+    """bf16 inputs with fp32 pre-activations pick exactly the features a float64 encode of the same
+    (bf16-rounded) numbers picks; rounding z to bf16 first does not (thresholds near z flip)."""
+    tc = random_transcoder(d=256, widths=[4096], layers=(0,), activation=activation)
+    tc16 = CrossLayerTranscoder(tc.config, {0: tc.encoder(0).converted(torch.device("cpu"), torch.bfloat16)})
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 256, generator=g) * 3).to(torch.bfloat16)
+    ref = textbook_dense(tc16, x, 0)  # float64 of the bf16 numbers
+    threshold = 0.3 if activation == "relu" else None
+    if threshold is not None:
+        ref = torch.where(ref >= threshold, ref, torch.zeros_like(ref))
+
+    def active_sets(fp32: bool) -> float:
+        tune = dataclasses.replace(transcoder.ENCODE_TUNING["cpu"], fp32_accumulate=fp32)
+        monkeypatch.setitem(transcoder.ENCODE_TUNING, "cpu", tune)
+        _, idx, l0 = tc16.encode_sparse(x, 0, 4096, activation_threshold=threshold)
+        got = torch.zeros(64, 4097, dtype=torch.bool).scatter_(1, torch.where(idx < 0, 4096, idx.long()), True)[:, :4096]
+        return (got == (ref > 0)).all(-1).float().mean().item()
+
+    assert active_sets(True) == 1.0
+    assert active_sets(False) < 1.0

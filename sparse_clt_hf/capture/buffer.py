@@ -90,15 +90,27 @@ class DecodeBuffer:
         return out
 
     def reset_counters(self) -> None:
+        """Forget what is buffered (a call that raised, or a flush that consumed it)."""
         for p in self.pos.values():
             p.zero_()
         self.slots = 0
 
+    def clear_flags(self) -> None:
+        for b in self.bad.values():
+            b.zero_()
+
+    def free(self) -> None:
+        """Release the buffers' memory (:meth:`ensure` makes them again)."""
+        self.reset_counters()
+        self.clear_flags()
+        self.bufs = {}
+        self._ar = {}
+        self.batch = self.window = 0
+
     def check(self, what: str) -> None:
         """Raise if any flush saw a different number of written positions than accounted (one host read)."""
         if any(bool(b) for b in self.bad.values()):
-            for b in self.bad.values():
-                b.zero_()
+            self.clear_flags()
             raise AlignmentError(
                 f"{what}: a forward pass ran that the attachment could not follow (the site hooks and the "
                 "step accounting disagree on the number of positions), so its features cannot be aligned"

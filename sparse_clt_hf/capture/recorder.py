@@ -39,11 +39,13 @@ from .tap import CallInfo
 
 StepCallback = Callable[[Features], None]
 
-# Rows per batched decode encode: on the 2-core CPU an encode of 256 rows costs 1.12x per row what one of
-# 1024 rows costs, 512 rows 1.0x (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor.
-DEFAULT_BUFFER_ROWS = 512
-DEFAULT_BUFFER_BYTES = 64 * 2**20  # cap on the decode buffer, all layers together
-MAX_WINDOW = 256  # batch 1: one batched encode per 256 decode steps (buffer <= DEFAULT_BUFFER_BYTES)
+#: Decode window per device type: (rows per batched encode, byte cap of the buffer, all layers together).
+#: CPU (2 cores): an encode of 256 rows costs 1.12x per row what one of 1024 rows costs, 512 rows 1.0x
+#: (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor. CUDA: a flush is a burst of launches
+#: (a few per layer) in a launch-bound decode loop, so fewer, larger windows; memory is plentiful.
+WINDOW_TUNING: dict[str, tuple[int, int]] = {"cpu": (512, 64 << 20), "cuda": (8192, 512 << 20)}
+DEFAULT_WINDOW_TUNING = (512, 64 << 20)
+MAX_WINDOW = 256  # decode steps per window at most (batch 1 on CPU: one batched encode per 256 steps)
 
 
 @dataclass
@@ -76,8 +78,7 @@ class FeatureRecorder:
         chunk_size: int | None,
         window: int | None,
         on_step: StepCallback | None,
-        dtype: torch.dtype,
-        devices: Mapping[int, torch.device],
+        placement: Callable[[], tuple[dict[int, torch.device], torch.dtype]],
     ) -> None:
         self.model = model
         self.stack = stack
@@ -89,10 +90,11 @@ class FeatureRecorder:
         self.chunk_size = chunk_size
         self.on_step = on_step
         self.window_setting = 1 if on_step is not None else window
-        self.dtype = dtype
+        self.placement = placement  # where each layer runs and the model's dtype, now
+        devices, self.dtype = placement()
         self.widths = [transcoder.encoder(x).n_features for x in self.layers]
         self.stats = CaptureStats()
-        self.buffer = DecodeBuffer(self.layers, dict(devices), dtype, transcoder.config.d_model)
+        self.buffer = DecodeBuffer(self.layers, devices, self.dtype, transcoder.config.d_model)
         #: Per-layer encoders that replace ``encode_sparse`` for a layer (steering sets them for steered
         #: layers): ``fn(rows [batch * n, d], batch, start) -> (values, indices, l0)`` for positions
         #: ``start..start+n`` of the record. Used for buffered windows and unbuffered passes alike;
@@ -132,13 +134,15 @@ class FeatureRecorder:
         self._pass = None  # a pass that started but never finished (it raised) is forgotten
         self.flush()
         self.buffer.check("reading features")
-        return self.records + ([self.current] if self.current is not None else [])
+        return self.records + ([self.current] if self.current is not None and self.current.length else [])
 
     def reset(self) -> None:
+        """Forget every record and free the decode buffer (made again by the next pass)."""
         self.records.clear()
         self.current = None
         self._pass = None
         self._drop_buffer()
+        self.buffer.free()
 
     # ------------------------------------------------------------------ generate boundaries (called by the tap)
     def begin_call(self, info: CallInfo) -> None:
@@ -192,6 +196,7 @@ class FeatureRecorder:
         self._call = None
         self._pass = None
         self._drop_buffer()
+        self.buffer.clear_flags()
         self.current = None  # nothing half-written is reported
 
     # ------------------------------------------------------------------ model hooks
@@ -356,6 +361,10 @@ class FeatureRecorder:
         self.flush()
         self._commit_current()
         rec = self.current = Record(batch, self.layers, self.top_k, self.widths)
+        devices, dtype = self.placement()
+        if devices != self.buffer.devices or dtype != self.buffer.dtype:  # the model moved since attach
+            self.dtype = dtype
+            self.buffer = DecodeBuffer(self.layers, devices, dtype, self.transcoder.config.d_model)
         self.window = self._window(batch)
         self.buffer.ensure(batch, self.window)
         return rec
@@ -377,8 +386,10 @@ class FeatureRecorder:
             return self.window_setting
         d = self.transcoder.config.d_model
         itemsize = torch.finfo(self.dtype).bits // 8
-        by_rows = math.ceil(DEFAULT_BUFFER_ROWS / batch)
-        by_bytes = DEFAULT_BUFFER_BYTES // max(1, batch * d * itemsize * len(self.layers))
+        device = next(iter(self.buffer.devices.values()))
+        rows, cap = WINDOW_TUNING.get(device.type, DEFAULT_WINDOW_TUNING)
+        by_rows = math.ceil(rows / batch)
+        by_bytes = cap // max(1, batch * d * itemsize * len(self.layers))
         return max(1, min(MAX_WINDOW, by_rows, by_bytes))
 
     def _drop_buffer(self) -> None:

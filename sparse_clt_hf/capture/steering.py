@@ -285,7 +285,7 @@ class Steering:
             term = c @ rows  # [B, L, d]
             delta = term if delta is None else delta + term
         assert delta is not None
-        return hidden + delta.reshape(hidden.shape).to(hidden.dtype)
+        return hidden + delta.reshape(hidden.shape).to(hidden.device, hidden.dtype)
 
     def _covered(self, src: _Source, length: int, device: torch.device) -> torch.Tensor:
         """[L, n] bool: position ``pos + i`` lies in ``[lo, hi)`` of each steer (tensor ops only)."""
