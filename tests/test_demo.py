@@ -52,7 +52,7 @@ def test_generate_cli_table_and_saved_features(tiny_dirs, tmp_path, capsys):
                "--max-new-tokens", "5", "--top-k", "4", "--show", "3", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "strongest features while predicting it" in text and "mean L0" in text
+    assert "strongest features while predicting it" in text and "Mean L0" in text
     feats = Features.load(out)
     prompt_len = len("<hello there>")
     assert feats.layers == [0, 1, 2] and feats.k == 4
@@ -124,13 +124,14 @@ def test_demo_trains_once_then_reuses(tiny_dirs, monkeypatch, tmp_path, capsys):
     model = tiny_model("llama")
     calls = []
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **TINY_DEMO})
+    monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, "tokens": 1500, "seq_len": 64})
     monkeypatch.setattr(demo_mod, "load_model", lambda ref=None: calls.append(ref) or (model, tok, "tiny"))
     monkeypatch.setenv(demo_mod.DEMO_ENV, str(tmp_path / "demo"))
     args = ["demo", "--json", "--no-progress", "--prompt", "hi", "--max-new-tokens", "3"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert "trained" in first["summary"] and set(first["summary"]["trained"]["fvu"]) == {"0", "1"}
-    assert (tmp_path / "demo" / "config.yaml").is_file()
+    assert (tmp_path / "demo" / "config.yaml").is_file() and (tmp_path / "demo" / "stats.safetensors").is_file()
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert "trained" not in second["summary"]
