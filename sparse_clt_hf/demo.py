@@ -230,7 +230,8 @@ def token_report(tokenizer: Any, sequence: torch.Tensor, prompt_len: int, feats:
     for s in range(prompt_len, sequence.shape[0]):
         pos = s - 1
         entry: dict[str, Any] = {"index": s - prompt_len, "token_id": int(sequence[s]),
-                                 "token": tokenizer.decode([int(sequence[s])]), "position": pos, "features": []}
+                                 "token": tokenizer.decode([int(sequence[s])]), "position": pos,
+                                 "input_token": tokenizer.decode([int(sequence[pos])]), "features": []}
         if pos < feats.num_positions:
             vals = feats.values[row, pos].float()  # [L, k]
             idx = feats.indices[row, pos]
@@ -257,20 +258,29 @@ def _feature_text(f: dict[str, Any]) -> str:
     return f"L{f['layer']}/{f['feature']}={f['activation']:.2f}"
 
 
+def _tokens_text(t: dict[str, Any]) -> str:
+    """``" list"          -> " from"          ``: the token read at the position, and the one it predicted."""
+    return f"{json.dumps(t.get('input_token', ''))[:17]:<17} -> {json.dumps(t['token'])[:17]:<17}"
+
+
+TABLE_HEAD = f"{'#':>3}  {'reads':<17} -> {'writes':<17}  "
+
+
 def format_table(tokens: list[dict[str, Any]]) -> str:
-    """One line per generated token; with labels (``stats``), one line per shown feature:
-    ``L6/942=7.19  (91% of max)  [' comprehension', ' generator', ' list']``."""
+    """One line per generated token: the token the model read at that position, the token it wrote
+    (predicted) there, and the strongest features at that position. With labels (``stats``), one line
+    per shown feature: ``L6/942=7.19  (91% of max)  [' comprehension', ' generator', ' list']``."""
     labelled = any("label" in f for t in tokens for f in t["features"])
     if not labelled:
-        lines = ["  #  token             strongest features while predicting it (layer/feature=activation)"]
+        lines = [f"{TABLE_HEAD}strongest features at that position (layer/feature=activation)"]
         for t in tokens:
             shown = "  ".join(_feature_text(f) for f in t["features"])
-            lines.append(f"{t['index']:>3}  {json.dumps(t['token'])[:16]:<16}  {shown}")
+            lines.append(f"{t['index']:>3}  {_tokens_text(t)}  {shown}".rstrip())
         return "\n".join(lines)
-    lines = ["  #  token             strongest features while predicting it: layer/feature=activation "
+    lines = [f"{TABLE_HEAD}strongest features at that position: layer/feature=activation "
              "(share of the feature's max in the corpus)  top tokens in the corpus"]
     for t in tokens:
-        head = f"{t['index']:>3}  {json.dumps(t['token'])[:16]:<16}  "
+        head = f"{t['index']:>3}  {_tokens_text(t)}  "
         if not t["features"]:
             lines.append(head.rstrip())
         for n, f in enumerate(t["features"]):
@@ -356,7 +366,7 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
         else:
             print("Is an activation large? Compare it with the feature's max in the corpus (the share in "
                   "brackets); the labels are the tokens it fires on most strongly there.")
-        example = next((f for t in tokens for f in t["features"]), None)
+        example = max((f for t in tokens for f in t["features"]), key=lambda f: f["activation"], default=None)
         html_hint = "" if "html" in extra else "--html view.html opens the features in a browser"
         if example is not None and stats is not None:
             clt_opt = ("" if extra.get("demo_transcoder") else f" --stats {args.stats}"

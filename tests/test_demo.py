@@ -52,7 +52,7 @@ def test_generate_cli_table_and_saved_features(tiny_dirs, tmp_path, capsys):
                "--max-new-tokens", "5", "--top-k", "4", "--show", "3", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "strongest features while predicting it" in text and "Mean L0" in text
+    assert "strongest features at that position" in text and "Mean L0" in text
     feats = Features.load(out)
     prompt_len = len("<hello there>")
     assert feats.layers == [0, 1, 2] and feats.k == 4
@@ -151,6 +151,7 @@ def test_real_demo_path_on_smollm2(monkeypatch, tmp_path, capsys):
     reduced = dict(layers=[2, 3], n_features=512, k=16, span=2, tokens=12_000, eval_tokens=2048, epochs=2,
                    batch_size=512)
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **reduced})
+    monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, "tokens": 4096})
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv(demo_mod.DEMO_ENV, raising=False)
     assert main(["demo", "--json", "--no-progress", "--max-new-tokens", "6", "--show", "3"]) == 0
@@ -162,3 +163,11 @@ def test_real_demo_path_on_smollm2(monkeypatch, tmp_path, capsys):
     assert all(len(t["features"]) == 3 for t in report["tokens"])
     folder = Path(report["summary"]["transcoder"])
     assert folder.parent == tmp_path / "sparse-clt-hf" and (folder / "W_dec_2.safetensors").is_file()
+    # labels: statistics of the demo transcoder on its corpus, next to it, and explain reads them
+    assert report["summary"]["labels"] and (folder / "stats.safetensors").is_file()
+    assert any(f["label"] for t in report["tokens"] for f in t["features"])
+    shown = report["tokens"][0]["features"][0]
+    assert main(["explain", f"{shown['layer']}/{shown['feature']}", "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["label"] == shown["label"] and explained["max"] == shown["max"]
+    assert all("⟦" in c["text"] for c in explained["contexts"]) and explained["contexts"]
