@@ -295,15 +295,13 @@ def _plan(cfg: TrainingConfig, n_train_seqs: int, per_seq: int, row_bytes: int) 
     return fills
 
 
-def _collect(collector: ActivationCollector, ids: torch.Tensor, cfg: TrainingConfig, bar: Any = None):
-    """Activations of ``ids`` (model batches of ``cfg.model_batch``; ``bar`` advanced by sequences)."""
+def _collect(collector: ActivationCollector, ids: torch.Tensor, cfg: TrainingConfig, bar: Any):
     xs, ys = [], []
     for start in range(0, ids.shape[0], cfg.model_batch):
         x, y = collector(ids[start : start + cfg.model_batch], cfg.skip_first)
         xs.append(x)
         ys.append(y)
-        if bar is not None:
-            bar.update(min(cfg.model_batch, ids.shape[0] - start))
+        bar.update(min(cfg.model_batch, ids.shape[0] - start))  # sequences
     x = torch.cat(xs)
     x = TRANSFORMS[cfg.input_transform](x, cfg.input_norm_eps)
     return x, torch.cat(ys)
@@ -357,12 +355,9 @@ def train_transcoder(
     cutoff_n = 0
     scale_in = scale_out = mean_in = None
     step, seen = 0, 0
-    # One bar per phase, each with its own unit and counter: collecting activations (sequences, in
-    # ``len(fills)`` buffer fills between which training runs), training (optimiser steps), held-out
-    # evaluation (sequences). ``unpause`` keeps a bar's rate from counting the other phase's time.
-    quiet = not cfg.progress
-    collect_bar = tqdm(total=int(train_ids.shape[0]), desc="collect activations", unit="seq", disable=quiet)
-    bar = tqdm(total=total_steps, desc="train transcoder", unit="step", disable=quiet)
+    # One bar per phase, each with its unit and counter; ``unpause`` keeps the other phase's time out of a rate.
+    collect_bar = tqdm(total=len(train_ids), desc="collect activations", unit="seq", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, desc="train transcoder", unit="step", disable=not cfg.progress)
     try:
         offset = 0
         for fill, n_seq in enumerate(fills):
@@ -416,7 +411,7 @@ def train_transcoder(
         tc = _export(net, cfg, d, n_model_layers, mean_in, scale_in, scale_out, thresholds, model)
         collect_bar.close()
         bar.close()
-        with tqdm(total=int(eval_ids.shape[0]), desc="held-out eval", unit="seq", disable=quiet) as eval_bar:
+        with tqdm(total=len(eval_ids), desc="held-out eval", unit="seq", disable=not cfg.progress) as eval_bar:
             fvu, l0 = evaluate(tc, collector, eval_ids, cfg, eval_bar)
     finally:
         collect_bar.close()
@@ -471,10 +466,9 @@ def _export(net: _Model, cfg: TrainingConfig, d: int, n_layers: int, mean_in, sc
 
 @torch.no_grad()
 def evaluate(tc: CrossLayerTranscoder, collector: ActivationCollector, ids: torch.Tensor,
-             cfg: TrainingConfig, bar: Any = None) -> tuple[dict[int, float], dict[int, float]]:
+             cfg: TrainingConfig, bar: Any) -> tuple[dict[int, float], dict[int, float]]:
     """Held-out FVU per target layer and mean L0 per source layer, with the exported transcoder's own
-    encode/decode on raw activations (so the weight folding is checked too); ``bar`` advanced by
-    sequences."""
+    encode/decode on raw activations (so the weight folding is checked too); ``bar`` counts sequences."""
     layers = tc.layers
     sse = torch.zeros(len(layers), dtype=torch.float64)
     s1 = torch.zeros(len(layers), tc.config.d_model, dtype=torch.float64)
@@ -492,8 +486,7 @@ def evaluate(tc: CrossLayerTranscoder, collector: ActivationCollector, ids: torc
             s2[i] += yt.pow(2).sum()
             l0[i] += (acts[t] != 0).sum()
         n += x.shape[0]
-        if bar is not None:
-            bar.update(min(cfg.model_batch, ids.shape[0] - start))
+        bar.update(min(cfg.model_batch, ids.shape[0] - start))
     var = s2 - s1.pow(2).sum(-1) / n
     fvu = {t: round(float(sse[i] / var[i]), 4) for i, t in enumerate(layers)}
     return fvu, {s: round(float(l0[i] / n), 2) for i, s in enumerate(layers)}
@@ -517,8 +510,7 @@ def parse_layers(text: str) -> list[int]:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A per-layer table (FVU, L0, dead) and a summary line."""
-    width = (metrics.get("training") or {}).get("n_features")
-    dead_head = f"dead (of {width})" if width else "dead"
+    dead_head = f"dead (of {w})" if (w := (metrics.get("training") or {}).get("n_features")) else "dead"
     lines = [f"{'layer':>5}  {'held-out FVU':>12}  {'L0':>7}  {dead_head:>5}"]
     for layer in metrics["fvu"]:
         lines.append(f"{layer:>5}  {metrics['fvu'][layer]:>12.4f}  {metrics['l0'].get(layer, 0):>7.2f}  "
