@@ -243,7 +243,8 @@ def token_report(tokenizer: Any, sequence: torch.Tensor, prompt_len: int, feats:
                 for v, i in zip(top_v.tolist(), top_i.tolist()):
                     li, ki = divmod(i, k)
                     hit = {"layer": feats.layers[li], "feature": int(idx[li, ki]), "activation": round(v, 4)}
-                    if stats is not None and hit["layer"] in stats.layers:
+                    if stats is not None and hit["layer"] in stats.layers and \
+                            hit["feature"] < stats.n_features[stats.layers.index(hit["layer"])]:
                         fmax = float(stats.max(hit["layer"])[hit["feature"]])
                         hit["label"] = [tokenizer.decode([t]) for t in stats.top_tokens(hit["layer"], hit["feature"], 3)]
                         hit["max"] = round(fmax, 4)
