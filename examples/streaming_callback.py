@@ -2,11 +2,15 @@
 
     python examples/streaming_callback.py
 
-The prefill pass reports every prompt position at once; each decode step reports one position
-(the token just fed in), so features arrive token by token as text is produced.
+The prefill pass reports every prompt position at once; each decode step reports one position: the
+token just fed in, i.e. the previous step's output. So the text streams token by token, each with the
+strongest feature the model computed while reading it. The last generated token is never fed back
+(generate stops after sampling it), so it is printed after the loop.
 """
 
 from __future__ import annotations
+
+import json
 
 from _common import load, prompt_inputs, transcoder_for
 
@@ -21,14 +25,20 @@ def main(prompt: str = "Name three uses of the Python 'with' statement.") -> lis
     def on_step(features: Features) -> None:
         sizes.append(features.num_positions)
         top = features.positions(features.num_positions - 1).top(1)
-        if top:
-            hit = top[0]
-            print(f"step {len(sizes):>3}: {features.num_positions:>3} new position(s), strongest "
-                  f"L{hit.layer}/{hit.feature}={hit.activation:.2f}", flush=True)
+        strongest = f"L{top[0].layer}/{top[0].feature}={top[0].activation:.2f}" if top else "-"
+        if len(sizes) == 1:
+            print(f"prompt: {features.num_positions} positions, strongest at the last one {strongest}", flush=True)
+            return
+        token = tokenizer.decode([int(features.token_ids[0, -1])])
+        print(f"step {len(sizes) - 1:>3}: {json.dumps(token):<16} strongest {strongest}", flush=True)
 
+    inputs = prompt_inputs(tokenizer, prompt)
     with attach_clt(model, transcoder, top_k=4, on_step=on_step) as clt:
-        clt.generate(**prompt_inputs(tokenizer, prompt), max_new_tokens=8, do_sample=False,
-                     pad_token_id=tokenizer.pad_token_id)
+        out, _ = clt.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    sequence = out if not hasattr(out, "sequences") else out.sequences
+    generated = sequence[0, inputs["input_ids"].shape[1]:]
+    print(f"last token (not fed back): {json.dumps(tokenizer.decode([int(generated[-1])]))}")
+    print(f"text: {tokenizer.decode(generated)}")
     return sizes
 
 

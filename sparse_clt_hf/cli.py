@@ -17,17 +17,29 @@ from .commands import COMMANDS
 from .errors import SparseCLTError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, ``(default: 24)``, except where there is nothing to show (no default,
+    an on/off flag) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-clt-hf",
         description="Sparse transcoder features for Hugging Face Transformers models.",
+        formatter_class=HelpFormatter,
     )
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparse-clt-hf {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub = subs.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         sub.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
         module = importlib.import_module(module_name)
         module.add_arguments(sub)

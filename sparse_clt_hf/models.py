@@ -4,6 +4,8 @@ Used by ``demo``, ``generate``, ``train`` and ``bench``."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -33,6 +35,62 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def quiet_gguf_loading():
+    """Silence transformers' progress bars while a local GGUF file is read ("Converting and
+    de-quantizing GGUF tensors", "Loading weights"): they appear on every run and say nothing about a
+    local file. Restored afterwards (the Hub's download bars included)."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from huggingface_hub import utils as hub_utils
+
+        hub_was_disabled = hub_utils.are_progress_bars_disabled()
+    except (ImportError, AttributeError):  # pragma: no cover
+        hub_utils, hub_was_disabled = None, None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:  # the GGUF conversion uses tqdm directly, not transformers' switchable one
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if hub_utils is not None:
+            (hub_utils.disable_progress_bars if hub_was_disabled else hub_utils.enable_progress_bars)()
+
+
+def _gguf_path(ref: str | os.PathLike[str] | None) -> Path | None:
+    """The GGUF file ``ref`` names (the default model's when ``ref`` is None/"smollm2"), else None."""
+    if ref in DEFAULT_MODEL_ALIASES:
+        return smollm2_gguf()
+    if str(ref).endswith(".gguf"):
+        path = Path(str(ref))
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return path
+    return None
+
+
+def load_tokenizer(ref: str | os.PathLike[str] | None = None):
+    """Only the tokenizer of :func:`load_model`'s ``ref`` (a tokenizer folder works too)."""
+    from transformers import AutoTokenizer
+
+    path = _gguf_path(ref)
+    if path is None:
+        return AutoTokenizer.from_pretrained(str(ref))
+    with quiet_gguf_loading():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def load_model(
     ref: str | os.PathLike[str] | None = None,
     *,
@@ -46,13 +104,12 @@ def load_model(
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if ref in DEFAULT_MODEL_ALIASES or str(ref).endswith(".gguf"):
-        path = smollm2_gguf() if ref in DEFAULT_MODEL_ALIASES else Path(str(ref))
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+    path = _gguf_path(ref)
+    if path is not None:
         name = SMOLLM2_NAME if ref in DEFAULT_MODEL_ALIASES else path.stem
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        with quiet_gguf_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     else:
         name = str(ref)
         tokenizer = AutoTokenizer.from_pretrained(name)

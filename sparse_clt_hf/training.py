@@ -295,12 +295,13 @@ def _plan(cfg: TrainingConfig, n_train_seqs: int, per_seq: int, row_bytes: int) 
     return fills
 
 
-def _collect(collector: ActivationCollector, ids: torch.Tensor, cfg: TrainingConfig):
+def _collect(collector: ActivationCollector, ids: torch.Tensor, cfg: TrainingConfig, bar: Any):
     xs, ys = [], []
     for start in range(0, ids.shape[0], cfg.model_batch):
         x, y = collector(ids[start : start + cfg.model_batch], cfg.skip_first)
         xs.append(x)
         ys.append(y)
+        bar.update(min(cfg.model_batch, ids.shape[0] - start))  # sequences
     x = torch.cat(xs)
     x = TRANSFORMS[cfg.input_transform](x, cfg.input_norm_eps)
     return x, torch.cat(ys)
@@ -354,12 +355,14 @@ def train_transcoder(
     cutoff_n = 0
     scale_in = scale_out = mean_in = None
     step, seen = 0, 0
-    bar = tqdm(total=total_steps, desc="train transcoder", unit="step", disable=not cfg.progress, leave=True)
+    # One bar per phase, each with its unit and counter; ``unpause`` keeps the other phase's time out of a rate.
+    collect_bar = tqdm(total=len(train_ids), desc="collect activations", unit="seq", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, desc="train transcoder", unit="step", disable=not cfg.progress)
     try:
         offset = 0
         for fill, n_seq in enumerate(fills):
-            bar.set_description(f"collect {fill + 1}/{len(fills)}")
-            x, y = _collect(collector, train_ids[offset : offset + n_seq], cfg)
+            collect_bar.unpause()
+            x, y = _collect(collector, train_ids[offset : offset + n_seq], cfg, collect_bar)
             offset += n_seq
             if scale_in is None:  # normalisation from the first fill, folded into the weights at the end
                 mean_in = x.mean(0)
@@ -369,7 +372,7 @@ def train_transcoder(
             y = y * scale_out[None, :, None]
             if fill == 0:
                 net.data_init(x, y, g)
-            bar.set_description("train transcoder")
+            bar.unpause()
             for epoch in range(cfg.epochs):
                 order = torch.randperm(x.shape[0], generator=g)
                 last_pass = fill == len(fills) - 1 and epoch == cfg.epochs - 1
@@ -396,8 +399,9 @@ def train_transcoder(
                     step += 1
                     seen += rows.numel()
                     if step % 10 == 0 or step == total_steps:
+                        n_dead = sum(int((c >= cfg.dead_tokens).sum()) for c in since_fired)
                         bar.set_postfix(fvu=f"{float(loss.detach()) / len(cfg.layers):.3f}",
-                                        dead=sum(int((c >= cfg.dead_tokens).sum()) for c in since_fired))
+                                        dead=f"{n_dead}/{m * len(cfg.layers)}")
                     bar.update(1)
             del x, y
         train_seconds = time.perf_counter() - t0
@@ -405,9 +409,12 @@ def train_transcoder(
         if get_activation(cfg.activation).needs_threshold:
             thresholds = (cutoff_sum / max(1, cutoff_n)).clamp_min(0).float()
         tc = _export(net, cfg, d, n_model_layers, mean_in, scale_in, scale_out, thresholds, model)
-        bar.set_description("held-out eval")
-        fvu, l0 = evaluate(tc, collector, eval_ids, cfg)
+        collect_bar.close()
+        bar.close()
+        with tqdm(total=len(eval_ids), desc="held-out eval", unit="seq", disable=not cfg.progress) as eval_bar:
+            fvu, l0 = evaluate(tc, collector, eval_ids, cfg, eval_bar)
     finally:
+        collect_bar.close()
         bar.close()
         model.train(was_training)
     metrics = {
@@ -459,9 +466,9 @@ def _export(net: _Model, cfg: TrainingConfig, d: int, n_layers: int, mean_in, sc
 
 @torch.no_grad()
 def evaluate(tc: CrossLayerTranscoder, collector: ActivationCollector, ids: torch.Tensor,
-             cfg: TrainingConfig) -> tuple[dict[int, float], dict[int, float]]:
+             cfg: TrainingConfig, bar: Any) -> tuple[dict[int, float], dict[int, float]]:
     """Held-out FVU per target layer and mean L0 per source layer, with the exported transcoder's own
-    encode/decode on raw activations (so the weight folding is checked too)."""
+    encode/decode on raw activations (so the weight folding is checked too); ``bar`` counts sequences."""
     layers = tc.layers
     sse = torch.zeros(len(layers), dtype=torch.float64)
     s1 = torch.zeros(len(layers), tc.config.d_model, dtype=torch.float64)
@@ -479,6 +486,7 @@ def evaluate(tc: CrossLayerTranscoder, collector: ActivationCollector, ids: torc
             s2[i] += yt.pow(2).sum()
             l0[i] += (acts[t] != 0).sum()
         n += x.shape[0]
+        bar.update(min(cfg.model_batch, ids.shape[0] - start))
     var = s2 - s1.pow(2).sum(-1) / n
     fvu = {t: round(float(sse[i] / var[i]), 4) for i, t in enumerate(layers)}
     return fvu, {s: round(float(l0[i] / n), 2) for i, s in enumerate(layers)}
@@ -502,10 +510,11 @@ def parse_layers(text: str) -> list[int]:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A per-layer table (FVU, L0, dead) and a summary line."""
-    lines = [f"{'layer':>5}  {'held-out FVU':>12}  {'L0':>7}  {'dead':>5}"]
+    dead_head = f"dead (of {w})" if (w := (metrics.get("training") or {}).get("n_features")) else "dead"
+    lines = [f"{'layer':>5}  {'held-out FVU':>12}  {'L0':>7}  {dead_head:>5}"]
     for layer in metrics["fvu"]:
         lines.append(f"{layer:>5}  {metrics['fvu'][layer]:>12.4f}  {metrics['l0'].get(layer, 0):>7.2f}  "
-                     f"{metrics['dead'].get(layer, 0):>5}")
+                     f"{metrics['dead'].get(layer, 0):>{max(5, len(dead_head))}}")
     lines.append(f"{metrics['tokens']} training tokens, {metrics['eval_tokens']} held-out tokens, "
                  f"{metrics['steps']} steps, {metrics['train_seconds']:.1f} s")
     return "\n".join(lines)

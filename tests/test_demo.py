@@ -52,7 +52,7 @@ def test_generate_cli_table_and_saved_features(tiny_dirs, tmp_path, capsys):
                "--max-new-tokens", "5", "--top-k", "4", "--show", "3", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "strongest features while predicting it" in text and "mean L0" in text
+    assert "strongest features at that position" in text and "Mean L0" in text
     feats = Features.load(out)
     prompt_len = len("<hello there>")
     assert feats.layers == [0, 1, 2] and feats.k == 4
@@ -124,13 +124,14 @@ def test_demo_trains_once_then_reuses(tiny_dirs, monkeypatch, tmp_path, capsys):
     model = tiny_model("llama")
     calls = []
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **TINY_DEMO})
+    monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, "tokens": 1500, "seq_len": 64})
     monkeypatch.setattr(demo_mod, "load_model", lambda ref=None: calls.append(ref) or (model, tok, "tiny"))
     monkeypatch.setenv(demo_mod.DEMO_ENV, str(tmp_path / "demo"))
     args = ["demo", "--json", "--no-progress", "--prompt", "hi", "--max-new-tokens", "3"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert "trained" in first["summary"] and set(first["summary"]["trained"]["fvu"]) == {"0", "1"}
-    assert (tmp_path / "demo" / "config.yaml").is_file()
+    assert (tmp_path / "demo" / "config.yaml").is_file() and (tmp_path / "demo" / "stats.safetensors").is_file()
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert "trained" not in second["summary"]
@@ -150,6 +151,7 @@ def test_real_demo_path_on_smollm2(monkeypatch, tmp_path, capsys):
     reduced = dict(layers=[2, 3], n_features=512, k=16, span=2, tokens=12_000, eval_tokens=2048, epochs=2,
                    batch_size=512)
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **reduced})
+    monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, "tokens": 4096})
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv(demo_mod.DEMO_ENV, raising=False)
     assert main(["demo", "--json", "--no-progress", "--max-new-tokens", "6", "--show", "3"]) == 0
@@ -161,3 +163,11 @@ def test_real_demo_path_on_smollm2(monkeypatch, tmp_path, capsys):
     assert all(len(t["features"]) == 3 for t in report["tokens"])
     folder = Path(report["summary"]["transcoder"])
     assert folder.parent == tmp_path / "sparse-clt-hf" and (folder / "W_dec_2.safetensors").is_file()
+    # labels: statistics of the demo transcoder on its corpus, next to it, and explain reads them
+    assert report["summary"]["labels"] and (folder / "stats.safetensors").is_file()
+    assert any(f["label"] for t in report["tokens"] for f in t["features"])
+    shown = report["tokens"][0]["features"][0]
+    assert main(["explain", f"{shown['layer']}/{shown['feature']}", "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["label"] == shown["label"] and explained["max"] == shown["max"]
+    assert all("⟦" in c["text"] for c in explained["contexts"]) and explained["contexts"]

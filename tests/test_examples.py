@@ -33,10 +33,18 @@ def test_generate_features(load_example, capsys):
     assert out.count("L") >= 12  # one line with layer/feature hits per generated token
 
 
-def test_streaming_callback(load_example):
+def test_streaming_callback(load_example, capsys):
     sizes = load_example("streaming_callback").main("hello")
     prompt_len = len("hello")  # the tiny tokenizer has no chat template: one id per character
     assert sizes[0] == prompt_len and sizes[1:] == [1] * 7  # prefill, then one position per decode step
+    lines = capsys.readouterr().out.splitlines()
+    text = next(x for x in lines if x.startswith("text: "))[len("text: "):]
+    assert len(text) == 8  # one character per generated token
+    steps = [x for x in lines if x.startswith("step ")]
+    assert len(steps) == 7  # every token fed back is printed as it streams, with its strongest feature
+    for i, line in enumerate(steps):
+        assert f'"{text[i]}"' in line and "strongest L" in line
+    assert f'last token (not fed back): "{text[-1]}"' in lines
 
 
 def test_train_and_save(load_example, tmp_path):

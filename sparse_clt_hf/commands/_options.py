@@ -39,10 +39,13 @@ def resolve_arg(ref: str, args: argparse.Namespace) -> Reference:
 def add_generation_options(parser: argparse.ArgumentParser, prompt_default: str | None) -> None:
     """Prompt and display options of ``demo`` and ``generate``."""
     parser.add_argument("--prompt", default=prompt_default, required=prompt_default is None, help="user prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (greedy)")
-    parser.add_argument("--top-k", type=int, default=8, help="features recorded per token and layer")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="most tokens to generate (greedy); the answer may stop earlier at the end of text")
+    parser.add_argument("--top-k", type=int, default=8, help="features recorded per token and layer (the strongest)")
     parser.add_argument("--show", type=int, default=4, help="features shown per token (strongest across layers)")
     parser.add_argument("--no-chat-template", dest="chat", action="store_false",
                         help="feed the prompt as plain text instead of through the chat template")
     parser.add_argument("--html", default=None, metavar="PATH",
                         help="also write a self-contained HTML page to explore the features token by token")
+    parser.add_argument("--stats", default=None, metavar="PATH",
+                        help="per-feature statistics for labels (a stats.safetensors file or a folder holding one, "
+                             "e.g. an extraction; default: the stats.safetensors next to the transcoder, if any)")

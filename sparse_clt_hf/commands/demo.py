@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import demo
@@ -16,25 +17,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_options(parser, demo.DEMO_PROMPT)
     parser.add_argument("--clt", default=None,
                         help=f"transcoder to use instead of the cached demo one (default: ${demo.DEMO_ENV} or the cache)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar while training")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars while fitting the demo transcoder and its statistics")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..formats import describe
+    from ..labels import find_stats
+
     start = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    desc = demo.preflight(args, args.clt)  # a bad --clt/--stats/--html fails before the model loads
     model, tokenizer, _ = demo.load_model(None)
     extra: dict[str, Any] = {}
-    clt = args.clt
+    clt, note, stats = args.clt, "", None
     if clt is None:
-        clt, metrics = demo.ensure_demo_transcoder(
-            model, tokenizer, progress=not (args.no_progress or args.json), log=log
-        )
+        progress = not (args.no_progress or args.json)
+        clt, metrics = demo.ensure_demo_transcoder(model, tokenizer, progress=progress, log=log)
         if metrics is not None:
             log(format_metrics(metrics))
             extra["trained"] = {k: metrics[k] for k in ("fvu", "l0", "dead", "tokens", "train_seconds")}
+            note = "the demo transcoder, fitted just now"
+        else:
+            note = "the cached demo transcoder, fitted on first use; delete the folder to refit"
+        if args.stats is None:
+            stats = demo.ensure_demo_stats(model, tokenizer, clt, progress=progress, log=log)
+        desc = describe(str(clt))
+        extra["demo_transcoder"] = True
+    if stats is None:
+        stats = find_stats(clt if Path(str(clt)).is_dir() else None, args.stats)
     extra["transcoder"] = str(clt)
     seq, prompt_len, feats, gen_s = demo.generate_with_features(
         model, tokenizer, str(clt), args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k, chat=args.chat
     )
-    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
+    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra,
+                      desc=desc, stats=stats, transcoder_note=note)
     return 0

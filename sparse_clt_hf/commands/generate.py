@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import demo
+from ..labels import find_stats
 from ..training import parse_layers
 from ._options import add_generation_options
 
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model id, folder or .gguf file (default: SmolLM2)")
     parser.add_argument("--clt", required=True, help="transcoder folder or Hub reference")
     parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
-    parser.add_argument("--out", default=None, help="save the features to this .safetensors file")
+    parser.add_argument("--out", default=None, help="also save the features to this .safetensors file")
     parser.add_argument("--steer", action="append", default=[], type=steer_arg, metavar="L:F=VALUE[:mode]",
                         help="steer feature F of layer L while generating (mode clamp|add|scale, default "
                              "clamp; 0 ablates); repeatable")
@@ -40,6 +42,7 @@ def steer_arg(text: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     layers = parse_layers(args.layers) if args.layers else None
+    desc = demo.preflight(args, args.clt, layers, args.model)  # bad --clt/--layers/--stats fail before the model loads
     model, tokenizer, _ = demo.load_model(args.model)
     seq, prompt_len, feats, gen_s = demo.generate_with_features(
         model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
@@ -51,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         feats.save(args.out)
         extra["saved"] = str(args.out)
-    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra)
+    stats = find_stats(args.clt if Path(args.clt).is_dir() else None, args.stats)
+    demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra,
+                      desc=desc, stats=stats)
     return 0

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo", help="Hub repo id, org/name")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None, help="commit message (default: \"Upload CLT|PLT transcoder with sparse-clt-hf\")")
     parser.add_argument("--license", default=None, help="license for the model card metadata")
 
 

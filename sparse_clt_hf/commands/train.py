@@ -27,19 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=d.n_features, help="features per layer")
     parser.add_argument("--k", type=int, default=d.k, help="TopK: active features per token")
     parser.add_argument("--span", type=int, default=d.span, help="layers each source writes to (1 = PLT, 0 = all later)")
-    parser.add_argument("--activation", choices=list(TRAINABLE_ACTIVATIONS), default=d.activation)
+    parser.add_argument("--activation", choices=list(TRAINABLE_ACTIVATIONS), default=d.activation,
+                        help="topk: exactly k active features per token; jumprelu: trained as TopK, then a "
+                             "per-layer threshold (L0 varies per token, about k on average)")
     parser.add_argument("--input-site", default=d.input_site, help="resid_mid, mlp_in, ... or module:input")
-    parser.add_argument("--output-site", default=d.output_site)
-    parser.add_argument("--input-transform", choices=list(TRANSFORMS), default=d.input_transform)
+    parser.add_argument("--output-site", default=d.output_site, help="site the transcoder reconstructs (mlp_out, ...)")
+    parser.add_argument("--input-transform", choices=list(TRANSFORMS), default=d.input_transform,
+                        help="normalisation applied to the input before encoding")
     parser.add_argument("--tokens", type=int, default=d.tokens, help="training tokens")
     parser.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over each buffer fill")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per optimiser step")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (after warm-up)")
     parser.add_argument("--aux-k", type=int, default=d.aux_k, help="dead latents in the AuxK loss")
     parser.add_argument("--buffer-mb", type=float, default=d.buffer_mb, help="activation buffer bound")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed (initialisation, shuffling)")
     parser.add_argument("--out", required=True, help="folder to write the transcoder to (native format)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
