@@ -5,6 +5,7 @@ fits the model once -> load only the requested encoders (format already known) -
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,17 @@ from .formats import Description, describe, read_encoders
 from .io.refs import Reference, RefLike, resolve
 from .io.sources import FileSource
 from .layer_encoder import TranscoderConfig, check_compatible
-from .sites import model_dims
+from .sites import NORM_DEPENDENT_KEY, model_dims, norm_eps, norm_kind, pre_mlp_norm
 from .transcoder import CrossLayerTranscoder
 
-__all__ = ["check_before_download", "check_description", "describe", "load_for_model", "load_transcoder"]
+__all__ = [
+    "check_before_download",
+    "check_description",
+    "choose_input_transform",
+    "describe",
+    "load_for_model",
+    "load_transcoder",
+]
 
 
 def load_transcoder(
@@ -98,5 +106,37 @@ def load_for_model(
     wanted = None if layers is None else sorted({int(x) for x in layers})
     desc = describe(ref, format=format, variant=variant, layers=wanted)
     check_description(desc, model, wanted, warn_model_name=False)
-    loaded = read_encoders(ref, layers=wanted, format=desc.format, variant=variant)
+    loaded = read_encoders(ref, layers=wanted, format=desc.format, variant=variant, check_format=False)
+    choose_input_transform(loaded.config, model)
     return CrossLayerTranscoder(loaded.config, loaded.encoders)
+
+
+def choose_input_transform(config: TranscoderConfig, model: Any) -> TranscoderConfig:
+    """Settle a transform that depends on the model's norm (in place; returns ``config``).
+
+    TransformerLens' ``ln2.hook_normalized`` is the pre-MLP norm's output without its affine: RMS-normalised
+    on RMSNorm models, ``(x - mean) / sqrt(var + eps)`` on LayerNorm models (GPT-2, Pythia, OPT, ...). A
+    loader reading that hook without a model records the RMSNorm reading as provisional
+    (``config.extra[NORM_DEPENDENT_KEY]``); here the model's norm class at that site decides (``rmsnorm`` or
+    ``layernorm`` without affine) and its epsilon is used. Other configs are left unchanged. Where the
+    model's norm cannot be told, the provisional reading stays and a warning says so.
+    """
+    if not config.extra.get(NORM_DEPENDENT_KEY):
+        return config
+    found = pre_mlp_norm(model, config.layers[0]) if config.layers else None
+    if found is None:
+        warnings.warn(
+            f"the transcoder reads ln2.hook_normalized, whose normalisation depends on the model's norm, but "
+            f"no pre-MLP norm was found in {type(model).__name__}; keeping input_transform "
+            f"{config.input_transform!r}",
+            stacklevel=3,
+        )
+        return config
+    path, module = found
+    config.input_transform = norm_kind(module) or config.input_transform
+    eps = norm_eps(module)
+    if eps is not None:
+        config.input_norm_eps = eps
+    config.extra.pop(NORM_DEPENDENT_KEY)
+    config.extra["input_transform_from_model"] = f"{path} ({type(module).__name__})"
+    return config

@@ -25,6 +25,12 @@ from ..layer_encoder import check_shape
 from .base import Summary
 from .checks import check_tensor, decode_text
 
+#: Description note for a transform that depends on the model's norm (see ``sites.NORM_DEPENDENT_HOOKS``).
+PROVISIONAL_NOTE = (
+    "input_transform {transform!r} is provisional: TransformerLens' ln2.hook_normalized is RMS-normalised on "
+    "RMSNorm models and (x - mean) / sqrt(var + eps) on LayerNorm models (GPT-2, Pythia, OPT, ...); "
+    "attach_clt / load_for_model choose it from the model's norm"
+)
 LAYER_IN_NAME = re.compile(r"(?:^|[/._-])layers?[._-]?(\d+)(?=$|[/._-])")
 
 
@@ -229,15 +235,20 @@ def dtype_of(info: TensorInfo) -> str:
     return ST_DTYPES.get(info.dtype, info.dtype)
 
 
+def header_info(header: Header, label: str, tensor: str, ndim: int = 2) -> TensorInfo:
+    """The info of ``tensor`` in a header read from ``label``, checked to have ``ndim`` dims."""
+    if tensor not in header:
+        raise TranscoderFormatError(f"{label}: no tensor {tensor!r}; found {sorted(header)}")
+    info = header[tensor]
+    if len(info.shape) != ndim or any(s < 0 for s in info.shape):
+        raise TranscoderFormatError(f"{label}: {tensor} has shape {info.shape}; expected {ndim} dims")
+    return info
+
+
 def header_tensor(source: FileSource, path: str, tensor: str, ndim: int = 2) -> tuple[TensorInfo, Header]:
     """(info of ``tensor``, whole header) of a safetensors file of ``source``, from its header only."""
     header = source.header(path)
-    if tensor not in header:
-        raise TranscoderFormatError(f"{source.name}/{path}: no tensor {tensor!r}; found {sorted(header)}")
-    info = header[tensor]
-    if len(info.shape) != ndim:
-        raise TranscoderFormatError(f"{source.name}/{path}: {tensor} has shape {info.shape}; expected {ndim} dims")
-    return info, header
+    return header_info(header, f"{source.name}/{path}", tensor, ndim), header
 
 
 def jump_threshold(threshold: torch.Tensor | None) -> torch.Tensor | None:
@@ -320,7 +331,7 @@ _HF_HOOK = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+|\{all\})(?:\
 
 def site_from_hf_hook(hook: str) -> tuple[str, int | None]:
     """Our site and the layer for an HF module hook such as ``model.layers.5.pre_feedforward_layernorm.output``."""
-    m = _HF_HOOK.match(hook)
+    m = _HF_HOOK.match(hook) if isinstance(hook, str) else None
     if not m:
         raise TranscoderFormatError(
             f"hook point {hook!r} is not of the form '<...>.layers.N[.<module>].input|output'"

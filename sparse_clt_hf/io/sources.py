@@ -396,9 +396,13 @@ def read_safetensors_header(path: Path, label: str | None = None) -> Header:
             )
         try:
             meta = json.loads(fh.read(n))
-            return {k: TensorInfo(v["dtype"], list(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TranscoderFormatError(f"{label}: corrupt safetensors header ({exc})") from exc
+            out = {k: TensorInfo(v["dtype"], list(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise TranscoderFormatError(f"{label}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
+    for name, info in out.items():
+        if not isinstance(info.dtype, str) or not all(type(s) is int and s >= 0 for s in info.shape):
+            raise TranscoderFormatError(f"{label}: corrupt safetensors header (tensor {name!r}: {info})")
+    return out
 
 
 # ---------------------------------------------------------------------------- Hub references and URIs
