@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from typing import Any
 
 import torch
@@ -50,8 +49,12 @@ def read_checkpoint(source: FileSource, name: str) -> tuple[dict[str, Any], dict
             f"{label}: refused by torch.load(weights_only=True) - the pickle holds objects other than "
             f"tensors and plain containers, and this library never runs pickled code ({exc})"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise TranscoderFormatError(f"{label}: not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load raises many types for truncated or corrupt files
+        raise TranscoderFormatError(
+            f"{label}: not a readable torch checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(obj, dict):
         raise TranscoderFormatError(f"{label}: expected a dict checkpoint, got {type(obj).__name__}")
     state = obj.get("state_dict", obj)
