@@ -211,6 +211,15 @@ def test_gemma_scope2_clt_with_a_missing_layer_file(tmp_path):
     assert load_transcoder(src, layers=[2]).config.n_layers == 3
 
 
+def test_sparsify_hookpoint_listed_by_the_run_config_without_its_folder(tmp_path):
+    write_sparsify(tmp_path, ["layers.0.mlp", "layers.2.mlp"], D, M, transcode=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model": "m", "hookpoints": [
+        "layers.0.mlp", "layers.1.mlp", "layers.2.mlp", "layers.*.attn"]}))
+    with pytest.raises(TranscoderFormatError, match=r"layers \[1\] are listed by the config"):
+        load_transcoder(tmp_path)
+    assert load_transcoder(tmp_path, layers=[0, 2]).layers == [0, 2]
+
+
 # ---------------------------------------------------------------------- npz files
 def _npz_with_header(path: Path, name: str, shape: tuple[int, ...], data: bytes, dtype: str = "<f4") -> None:
     header = {"descr": dtype, "fortran_order": False, "shape": shape}
@@ -268,6 +277,7 @@ def test_npz_fortran_order_and_big_endian_arrays_load_as_written(tmp_path):
     ("org/repo\x00x", "control character"),
     ("bad\nref", "control character"),
     ("/" + "a" * 300 + "/b", "cannot be read as a folder|is not a folder"),
+    ("org/" + "r" * 200, "at most 96 characters"),
 ])
 def test_bad_references_are_refused_at_once(ref, message):
     start = time.perf_counter()

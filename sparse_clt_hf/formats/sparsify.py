@@ -151,15 +151,33 @@ def _load_one(source: FileSource, folder: str, decoders: bool) -> tuple[LayerEnc
     return enc, v
 
 
-def _model_name(source: FileSource) -> str | None:
-    """sparsify writes its run config (with ``model``) as config.json at the run root."""
+def _run_config(source: FileSource) -> dict[str, Any]:
+    """sparsify's run config (``model``, ``hookpoints``) written as config.json at the run root ({} if none)."""
     if not source.exists("config.json"):
-        return None
+        return {}
     try:
-        model = read_json(source, "config.json").get("model")
+        return read_json(source, "config.json")
     except TranscoderFormatError:
-        return None
+        return {}
+
+
+def _model_name(source: FileSource) -> str | None:
+    model = _run_config(source).get("model")
     return model if isinstance(model, str) else None
+
+
+def _expected_layers(source: FileSource, template: str) -> list[int]:
+    """Layers of ``template`` among the hookpoints the run config lists (patterns with wildcards skipped)."""
+    listed = _run_config(source).get("hookpoints")
+    if not isinstance(listed, list):
+        return []
+    out = []
+    for hp in listed:
+        if isinstance(hp, str) and not any(c in hp for c in "*?[") and (m := _ANY_LAYER.match(hp)):
+            name = f"{m.group('stem')}.{{layer}}" + (f".{m.group('rest')}" if m.group("rest") else "")
+            if name == template:
+                out.append(int(m.group("layer")))
+    return out
 
 
 def _select(source: FileSource, variant: str | None) -> tuple[str, dict[int, str], dict[str, str]]:
@@ -178,7 +196,8 @@ def load(
 ) -> Loaded:
     """``variant`` picks a hookpoint template such as ``"layers.{layer}.mlp"`` when a repo has several."""
     template, by_layer, hookpoints = _select(source, variant)
-    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    expected = _expected_layers(source, template)
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r} folders", expected)
     encoders, cfgs = {}, {}
     for i in chosen:
         encoders[i], cfgs[i] = _load_one(source, hookpoints[by_layer[i]], decoders)
@@ -207,7 +226,8 @@ def load(
 def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
     """Layers, sizes, site and k from one requested layer's cfg.json and safetensors header (no weights)."""
     template, by_layer, hookpoints = _select(source, variant)
-    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    expected = _expected_layers(source, template)
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r} folders", expected)
     folder = hookpoints[by_layer[chosen[0]]]
     v = _check_cfg(f"{source.name}/{join(folder, CFG)}", read_json(source, join(folder, CFG)))
     info, _ = header_tensor(source, join(folder, WEIGHTS), "encoder.weight")

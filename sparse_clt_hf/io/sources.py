@@ -407,6 +407,7 @@ def read_safetensors_header(path: Path, label: str | None = None) -> Header:
 
 # ---------------------------------------------------------------------------- Hub references and URIs
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MAX_REPO_PART = 96  # the Hub's limit on a repo id's owner and name
 _HUB_REF = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?P<sub>(?:/[^@]+)?)(?:@(?P<rev>.+))?$")
 
 
@@ -432,6 +433,10 @@ def parse_hub_ref(ref: str) -> HubRef | None:
     m = _HUB_REF.match(ref)
     if not m:
         return None
+    if any(len(part) > MAX_REPO_PART for part in m["repo"].split("/")):
+        raise TranscoderFormatError(
+            f"{ref[:120]!r}: a Hub repo's owner and name are at most {MAX_REPO_PART} characters each"
+        )
     return HubRef(m["repo"], m["sub"].strip("/"), m["rev"])
 
 
