@@ -287,6 +287,19 @@ def test_bad_references_are_refused_at_once(ref, message):
     assert time.perf_counter() - start < 2
 
 
+def test_unreadable_path_is_a_library_error(tmp_path, monkeypatch):
+    real = Path.is_dir
+
+    def is_dir(self):
+        if "locked" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(TranscoderFormatError, match="cannot be read as a folder .*PermissionError"):
+        load_transcoder(str(tmp_path / "locked/tc"))
+
+
 def test_folder_with_too_many_files_is_refused_after_a_bounded_scan(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "MAX_LOCAL_FILES", 50)
     for i in range(60):
