@@ -4,6 +4,7 @@ from ._version import __version__
 from .attach import CLTAttachment, attach_clt
 from .errors import (
     AlignmentError,
+    FeaturesFileError,
     HookSiteError,
     HubAccessError,
     IncompatibleTranscoderError,
@@ -24,6 +25,7 @@ __all__ = [
     "CrossLayerTranscoder",
     "FeatureHit",
     "Features",
+    "FeaturesFileError",
     "HookSiteError",
     "HubAccessError",
     "IncompatibleTranscoderError",

@@ -29,3 +29,7 @@ class HubAccessError(SparseCLTError, OSError):
 
 class ExtractError(SparseCLTError, ValueError):
     """Bad input for an extraction (data, output folder, arguments) or an unusable output folder."""
+
+
+class FeaturesFileError(SparseCLTError, ValueError):
+    """A features file (written by ``Features.save``) is missing, corrupt, or holds inconsistent tensors."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 class FeatureHit(NamedTuple):
@@ -211,20 +211,68 @@ class Features:
 
     @classmethod
     def load(cls, path: str | Path) -> Features:
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`; a missing, corrupt or inconsistent file is a
+        :class:`~sparse_clt_hf.errors.FeaturesFileError` naming the file and what is wrong."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "layers" not in meta:
-            raise ValueError(f"{path} is not a features file written by Features.save (no 'layers' metadata)")
-        t = load_file(str(path))
-        return cls(
-            t["indices"],
-            t["values"],
-            t["l0"],
-            t["mask"],
-            json.loads(meta["layers"]),
-            t.get("token_ids"),
-            json.loads(meta.get("n_features", "null")),
-        )
+        from .errors import FeaturesFileError
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own types (and OSError) for missing/corrupt files
+            raise FeaturesFileError(
+                f"{path}: not a readable features file ({type(exc).__name__}: {exc})"
+            ) from exc
+        return cls(*_checked_fields(str(path), meta, tensors))
+
+
+def _checked_fields(label: str, meta: dict[str, str], t: dict[str, torch.Tensor]) -> tuple:
+    """The constructor arguments of a features file, each checked against the others."""
+    from .errors import FeaturesFileError
+
+    def fail(what: str) -> FeaturesFileError:
+        return FeaturesFileError(f"{label}: {what} (not a features file written by Features.save, or corrupt)")
+
+    if "layers" not in meta:
+        raise fail("no 'layers' metadata")
+    try:
+        layers = json.loads(meta["layers"])
+        widths = json.loads(meta.get("n_features", "null"))
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"metadata is not valid JSON ({exc})") from exc
+    if not isinstance(layers, list) or not all(type(x) is int and x >= 0 for x in layers):
+        raise fail(f"metadata 'layers' is {meta['layers'][:80]!r}; expected a list of layer numbers")
+    if widths is not None and (
+        not isinstance(widths, list) or len(widths) != len(layers) or not all(type(x) is int and x > 0 for x in widths)
+    ):
+        raise fail(f"metadata 'n_features' is {meta['n_features'][:80]!r}; expected one positive width per layer")
+    missing = [k for k in ("indices", "values", "l0", "mask") if k not in t]
+    if missing:
+        raise fail(f"missing tensors {missing}; found {sorted(t)}")
+    idx, vals, l0, mask, tok = t["indices"], t["values"], t["l0"], t["mask"], t.get("token_ids")
+    if idx.ndim != 4 or idx.shape[2] != len(layers):
+        raise fail(f"'indices' has shape {list(idx.shape)}; expected [batch, positions, {len(layers)}, k]")
+    b, n, _, _ = idx.shape
+    checks = [
+        ("indices", idx, idx.shape, not idx.is_floating_point() and idx.dtype != torch.bool, "integer"),
+        ("values", vals, idx.shape, vals.is_floating_point(), "floating-point"),
+        ("l0", l0, idx.shape[:3], not l0.is_floating_point() and l0.dtype != torch.bool, "integer"),
+        ("mask", mask, (b, n), mask.dtype == torch.bool, "bool"),
+    ]
+    if tok is not None:
+        checks.append(("token_ids", tok, (b, n), not tok.is_floating_point() and tok.dtype != torch.bool, "integer"))
+    for name, tensor, shape, dtype_ok, kind in checks:
+        if tuple(tensor.shape) != tuple(shape) or not dtype_ok:
+            raise fail(
+                f"{name!r} is {kind if dtype_ok else str(tensor.dtype)} of shape {list(tensor.shape)}; "
+                f"expected {kind} of shape {list(shape)}"
+            )
+    if idx.numel() and int(idx.min()) < -1:
+        raise fail(f"'indices' holds {int(idx.min())}; expected feature ids or -1 in empty slots")
+    if widths is not None and idx.numel():
+        over = [(layer, w) for i, (layer, w) in enumerate(zip(layers, widths)) if int(idx[:, :, i].max()) >= w]
+        if over:
+            raise fail(f"feature ids reach past the widths of (layer, width) {over}")
+    return idx, vals, l0, mask, layers, tok, widths

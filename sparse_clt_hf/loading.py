@@ -5,6 +5,7 @@ fits the model once -> load only the requested encoders (format already known) -
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from .formats.circuit_tracer import CLT_KIND, read_config
 from .io.refs import Reference, RefLike, resolve
 from .io.sources import FileSource
 from .layer_encoder import TranscoderConfig, check_compatible
-from .sites import model_dims
+from .sites import NORM_DEPENDENT_KEY, model_dims, norm_eps, norm_kind, pre_mlp_norm
 from .transcoder import CrossLayerTranscoder
 
 __all__ = [
     "check_before_download",
     "check_description",
+    "choose_input_transform",
     "describe",
     "load_decoder_rows",
     "load_for_model",
@@ -108,7 +110,8 @@ def load_for_model(
     wanted = None if layers is None else sorted({int(x) for x in layers})
     desc = describe(ref, format=format, variant=variant, layers=wanted)
     check_description(desc, model, wanted, warn_model_name=False)
-    loaded = read_encoders(ref, layers=wanted, format=desc.format, variant=variant)
+    loaded = read_encoders(ref, layers=wanted, format=desc.format, variant=variant, check_format=False)
+    choose_input_transform(loaded.config, model)
     return CrossLayerTranscoder(loaded.config, loaded.encoders)
 
 
@@ -173,3 +176,34 @@ def _native_rows(source: FileSource, layer: int, feats: list[int]) -> torch.Tens
             raise TranscoderFormatError(f"{source.name}/{fname}: features {bad} out of range ({shape[0]} rows)")
         rows = torch.cat([sl[x : x + 1] for x in feats]) if feats else torch.empty(0, *shape[1:])
     return rows if rows.ndim == 3 else rows.unsqueeze(1)
+
+
+def choose_input_transform(config: TranscoderConfig, model: Any) -> TranscoderConfig:
+    """Settle a transform that depends on the model's norm (in place; returns ``config``).
+
+    TransformerLens' ``ln2.hook_normalized`` is the pre-MLP norm's output without its affine: RMS-normalised
+    on RMSNorm models, ``(x - mean) / sqrt(var + eps)`` on LayerNorm models (GPT-2, Pythia, OPT, ...). A
+    loader reading that hook without a model records the RMSNorm reading as provisional
+    (``config.extra[NORM_DEPENDENT_KEY]``); here the model's norm class at that site decides (``rmsnorm`` or
+    ``layernorm`` without affine) and its epsilon is used. Other configs are left unchanged. Where the
+    model's norm cannot be told, the provisional reading stays and a warning says so.
+    """
+    if not config.extra.get(NORM_DEPENDENT_KEY):
+        return config
+    found = pre_mlp_norm(model, config.layers[0]) if config.layers else None
+    if found is None:
+        warnings.warn(
+            f"the transcoder reads ln2.hook_normalized, whose normalisation depends on the model's norm, but "
+            f"no pre-MLP norm was found in {type(model).__name__}; keeping input_transform "
+            f"{config.input_transform!r}",
+            stacklevel=3,
+        )
+        return config
+    path, module = found
+    config.input_transform = norm_kind(module) or config.input_transform
+    eps = norm_eps(module)
+    if eps is not None:
+        config.input_norm_eps = eps
+    config.extra.pop(NORM_DEPENDENT_KEY)
+    config.extra["input_transform_from_model"] = f"{path} ({type(module).__name__})"
+    return config

@@ -73,13 +73,32 @@ def registry_paths() -> list[Path]:
     return out
 
 
+#: entry fields that must be strings / positive integers when given
+_STR_FIELDS = ("repo_id", "subfolder", "revision", "format", "kind", "model", "site", "input_transform",
+               "activation", "dtype", "license", "notes", "source")
+_INT_FIELDS = ("n_layers", "d_model", "width", "k")
+
+
 def _entry(name: str, data: Any, path: Path) -> RegistryEntry:
+    where = f"registry {path}: entry {name!r}"
     if not isinstance(data, dict) or not data.get("repo_id"):
-        raise TranscoderFormatError(f"registry {path}: entry {name!r} must be a mapping with a repo_id")
+        raise TranscoderFormatError(f"{where} must be a mapping with a repo_id")
     known = {f.name for f in fields(RegistryEntry)} - {"name", "extra"}
     extra = {k: v for k, v in data.items() if k not in known}
-    values = {k: v for k, v in data.items() if k in known}
-    values["aliases"] = tuple(str(a) for a in values.get("aliases") or ())
+    values = {k: v for k, v in data.items() if k in known and v is not None}
+    for key in _STR_FIELDS:
+        if key in values and not isinstance(values[key], str):
+            raise TranscoderFormatError(f"{where}: {key!r} is {values[key]!r}; expected a string")
+    for key in _INT_FIELDS:
+        value = values.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise TranscoderFormatError(f"{where}: {key!r} is {value!r}; expected a positive integer")
+    aliases = values.get("aliases") or ()
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, (str, int)) for a in aliases):
+        raise TranscoderFormatError(f"{where}: 'aliases' is {aliases!r}; expected a list of names")
+    values["aliases"] = tuple(str(a) for a in aliases)
     return RegistryEntry(name=name, extra=extra, **values)
 
 
@@ -88,9 +107,11 @@ def _load(paths: tuple[Path, ...]) -> dict[str, RegistryEntry]:
     entries: dict[str, RegistryEntry] = {}
     for path in paths:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise TranscoderFormatError(f"registry file {path} is not valid YAML: {exc}") from exc
+        except OSError as exc:
+            raise TranscoderFormatError(f"registry file {path} cannot be read: {exc}") from exc
         if not isinstance(data, dict):
             raise TranscoderFormatError(f"registry file {path} must map names to entries")
         for name, value in data.items():

@@ -93,6 +93,20 @@ TRANSFORMERLENS_HOOKS: dict[str, tuple[str, str]] = {
     "hook_mlp_out": ("mlp_out", "none"),
 }
 
+# TransformerLens hooks whose transform depends on the model's norm: ``ln2.hook_normalized`` is the pre-MLP
+# norm's output without its affine, RMS-normalised on RMSNorm models (the table's value) but
+# ``(x - mean) / sqrt(var + eps)`` on LayerNorm models (GPT-2, Pythia, OPT, ...). A loader that reads one
+# marks its transform provisional (``TranscoderConfig.extra[NORM_DEPENDENT_KEY]``); loading for a model
+# (``loading.load_for_model``) replaces it with the model's norm type.
+NORM_DEPENDENT_HOOKS = frozenset({"ln2.hook_normalized"})
+NORM_DEPENDENT_KEY = "input_transform_depends_on_model_norm"
+
+
+def transformerlens_hook_name(hook: str) -> str:
+    """``blocks.3.ln2.hook_normalized`` -> ``ln2.hook_normalized`` (names without ``blocks.N.`` unchanged)."""
+    return hook.split(".", 2)[2] if hook.startswith("blocks.") and hook.count(".") >= 2 else hook
+
+
 # Our site -> the TransformerLens hook name circuit-tracer configs use for it.
 SITES_TO_TRANSFORMERLENS: dict[str, str] = {
     "resid_pre": "hook_resid_pre",
@@ -105,9 +119,7 @@ SITES_TO_TRANSFORMERLENS: dict[str, str] = {
 
 def site_from_transformerlens(hook: str) -> tuple[str, str]:
     """Map a TransformerLens hook name (``blocks.3.hook_resid_mid`` or ``hook_resid_mid``) to our site."""
-    name = hook
-    if name.startswith("blocks."):
-        name = name.split(".", 2)[2] if name.count(".") >= 2 else name
+    name = transformerlens_hook_name(hook) if isinstance(hook, str) else hook
     if name not in TRANSFORMERLENS_HOOKS:
         raise HookSiteError(
             f"unknown TransformerLens hook {hook!r}; known: {', '.join(TRANSFORMERLENS_HOOKS)}"
@@ -239,3 +251,44 @@ def resolve_site_in_layer(model: nn.Module, site: str, layer: int) -> HookPoint:
             f"({path}.{layer}): a transcoder site must be in the layer it serves"
         )
     return point
+
+
+# Pre-MLP norm modules (TransformerLens' ``ln2``) by name, for architectures whose ``resid_mid`` is not
+# the input of a norm (post-norm, parallel blocks): the first that exists in the layer is used.
+PRE_MLP_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "final_layer_norm",
+                 "input_layernorm", "ln_1")
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"rmsnorm"`` for an RMSNorm, ``"layernorm"`` for a LayerNorm (mean subtracted), else None."""
+    name = type(module).__name__.lower()
+    if isinstance(module, getattr(nn, "RMSNorm", ())) or "rmsnorm" in name:
+        return "rmsnorm"
+    if isinstance(module, nn.LayerNorm) or name.endswith("layernorm"):
+        return "layernorm"
+    return None
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a norm module (``eps``, ``variance_epsilon`` or ``epsilon``), when it has one."""
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def pre_mlp_norm(model: nn.Module, layer: int) -> tuple[str, nn.Module] | None:
+    """(path, module) of the norm in front of layer ``layer``'s MLP (TransformerLens' ``ln2``), or None."""
+    try:
+        point = resolve_site(model, "resid_mid", layer)
+        if point.which == "input" and norm_kind(point.module) is not None:
+            return point.path, point.module
+    except HookSiteError:
+        pass
+    layers_path, layers = find_decoder_layers(model)
+    for name in PRE_MLP_NORMS:
+        mod = get_submodule(layers[layer], name)
+        if mod is not None and norm_kind(mod) is not None:
+            return f"{layers_path}.{layer}.{name}", mod
+    return None

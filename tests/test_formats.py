@@ -35,8 +35,8 @@ D, M = 16, 48
 class RecordingSource(LocalSource):
     """A LocalSource that records which files were fetched (i.e. would have been downloaded)."""
 
-    def __init__(self, root) -> None:
-        super().__init__(root)
+    def __init__(self, root, **kwargs) -> None:
+        super().__init__(root, **kwargs)
         self.fetched: list[str] = []
 
     def fetch(self, path: str) -> Path:
@@ -44,7 +44,7 @@ class RecordingSource(LocalSource):
         return super().fetch(path)
 
     def sub(self, folder: str) -> RecordingSource:
-        return RecordingSource(self.root / folder)
+        return RecordingSource(self.root / folder, allowed=self.allowed)
 
 
 def x_input(n: int = 12, d: int = D, seed: int = 1) -> torch.Tensor:
@@ -145,7 +145,10 @@ def test_gemma_scope_npz_in_a_transcoders_list(tmp_path):
     }
     (tmp_path / "ct").mkdir()
     (tmp_path / "ct/config.yaml").write_text(json.dumps(cfg))
-    tc = load_transcoder(LocalSource(tmp_path / "ct"), layers=[1])
+    # the files lie outside the config's folder: read only when the caller names that folder
+    with pytest.raises(TranscoderFormatError, match="outside this folder.*allowed="):
+        load_transcoder(LocalSource(tmp_path / "ct"), layers=[1])
+    tc = load_transcoder(LocalSource(tmp_path / "ct", allowed=[tmp_path / "gs"]), layers=[1])
     assert tc.config.activation == "jumprelu" and tc.config.input_transform == "rmsnorm"
     x = x_input()
     p = ref[1]
@@ -225,7 +228,7 @@ def test_circuit_tracer_clt_wrapper_listing_gemma_scope2_files(tmp_path):
         "model_kind": "cross_layer_transcoder", "feature_input_hook": "mlp.hook_in",
         "feature_output_hook": "hook_mlp_out", "transcoders": listed,
     }))
-    src = RecordingSource(wrapper)
+    src = RecordingSource(wrapper, allowed=[tmp_path / "gs2"])
     tc = load_transcoder(src, layers=[2], decoders=True)
     assert tc.layers == [2] and tc.config.input_site == "mlp_in" and tc.config.n_layers == 3
     torch.testing.assert_close(tc.encoder(2).W_dec, ref[2]["w_dec"][:, 2:, :])

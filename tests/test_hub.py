@@ -285,6 +285,22 @@ def test_hf_uri_list_into_other_repo(env, hub, tcs):
     assert len(listings) == 1  # the URIs of one config share one listing of the repo they point into
 
 
+def test_hub_config_may_not_name_local_paths_or_leave_its_repo(env, hub, tcs, tmp_path):
+    """A Hub repo's config.yaml that lists an absolute local path (a real, loadable file here) or escapes
+    the repo with ``..`` is refused before anything is opened; paths inside the repo are followed."""
+    local = _saved(tcs["plt"]) / "layer_0.safetensors"
+    base = {"model_kind": "transcoder_set", "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+    for name, uri in (("abs", str(local)), ("up", "../../etc/layer_0.safetensors")):
+        hub.commit_files(f"org/escape-{name}", {"config.yaml": yaml.safe_dump({**base, "transcoders": [uri]}).encode()})
+        with pytest.raises(TranscoderFormatError, match="may only name files of the same repo or hf:// URIs"):
+            CrossLayerTranscoder.from_pretrained(f"org/escape-{name}", cache_dir=env)
+    hub.add_folder("org/inside", local.parent, subfolder="files")
+    inside = {**base, "transcoders": [f"files/../files/layer_{i}.safetensors" for i in (0, 1)]}
+    hub.commit_files("org/inside", {"config.yaml": yaml.safe_dump(inside).encode()})
+    tc = CrossLayerTranscoder.from_pretrained("org/inside", layers=[1], cache_dir=env)
+    assert_same_encoders(tc, tcs["plt"], [1])
+
+
 def test_offline_mode_with_warm_cache(env, tcs, monkeypatch):
     from huggingface_hub import constants
 

@@ -10,12 +10,15 @@ the registry's activation hint, and the entry points :func:`describe` and :func:
 from __future__ import annotations
 
 import dataclasses
+import struct
 import warnings
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..activations import get_activation
-from ..errors import TranscoderFormatError
+from ..errors import SparseCLTError, TranscoderFormatError
 from ..io.refs import RefLike, resolve
 from ..io.sources import ActivationHint, FileSource
 from . import circuit_tracer, gemma_scope, gemma_scope2, saelens, sparsify, vlm_clt
@@ -58,7 +61,9 @@ def format_module(name: str) -> Format:
 def detect_format(source: FileSource) -> str:
     """Name of the format of ``source``, decided from its file names and config files."""
     for name, fmt in FORMATS.items():
-        if fmt.detect(source):
+        with _reading(source, name):
+            found = fmt.detect(source)
+        if found:
             return name
     files = source.list_files()
     shown = ", ".join(files[:20]) + (" ..." if len(files) > 20 else "")
@@ -69,7 +74,59 @@ def detect_format(source: FileSource) -> str:
 
 
 def _layer_list(layers: Iterable[int] | None) -> list[int] | None:
-    return None if layers is None else sorted({int(x) for x in layers})
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TranscoderFormatError(f"layers must be a list of layer numbers, got {layers!r}")
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+    if bad:
+        raise TranscoderFormatError(f"layers must be non-negative integers; got {bad} in {list(layers)}")
+    return sorted({int(x) for x in layers})
+
+
+#: What a format's code may raise on malformed input that a check did not anticipate; turned into a
+#: TranscoderFormatError naming the source and format (the checks in each format name the file and value).
+_PARSE_ERRORS = (
+    IndexError, KeyError, AttributeError, TypeError, ValueError, UnicodeDecodeError, OverflowError,
+    ZeroDivisionError, RecursionError, struct.error, zipfile.BadZipFile, EOFError, NotImplementedError,
+)
+
+
+@contextmanager
+def _reading(source: FileSource, name: str) -> Iterator[None]:
+    """Run a format's describe/load: library errors pass through, parsing errors are named."""
+    try:
+        yield
+    except SparseCLTError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise TranscoderFormatError(
+            f"{source.name}: cannot be read as format {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _format_for(source: FileSource, format: str | None, hint: str | None) -> tuple[str, Format]:
+    """The format to read ``source`` with: ``format`` (checked against the files), the registry's, or detected."""
+    if format is None and hint is None:
+        name = detect_format(source)
+        return name, format_module(name)
+    name = format or hint  # type: ignore[assignment]
+    if not isinstance(name, str):
+        raise TranscoderFormatError(f"format must be a format name ({', '.join(FORMATS)}), got {name!r}")
+    fmt = format_module(name)
+    with _reading(source, name):
+        matches = fmt.detect(source)
+    if not matches:
+        files = source.list_files()
+        shown = ", ".join(files[:20]) + (" ..." if len(files) > 20 else "")
+        try:
+            detected = f"the files look like format {detect_format(source)!r}"
+        except SparseCLTError:
+            detected = "no known format matches them"
+        raise TranscoderFormatError(
+            f"{source.name}: format={name!r} ({fmt.DESCRIPTION}) does not match its files [{shown}]; {detected}"
+        )
+    return name, fmt
 
 
 def describe(
@@ -84,8 +141,10 @@ def describe(
     ``variant`` picks one of several transcoders per layer (e.g. a Gemma Scope L0 folder)."""
     resolved = resolve(ref)
     source = resolved.source
-    name = format or resolved.format_hint or detect_format(source)
-    summary = format_module(name).describe(source, _layer_list(layers), variant=variant)
+    wanted = _layer_list(layers)
+    name, fmt = _format_for(source, format, resolved.format_hint)
+    with _reading(source, name):
+        summary = fmt.describe(source, wanted, variant=variant)
     desc = Description.from_summary(source.name, name, summary)
     if resolved.activation_hint:
         hinted = hinted_activation(resolved.activation_hint, desc.activation, desc.k)
@@ -106,16 +165,23 @@ def read_encoders(
     token: str | bool | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    check_format: bool = True,
 ) -> Loaded:
     """Config and encoders of ``layers`` (all when None) of a reference; decoders only when asked.
 
     The format is ``format``, else the registry's, else detected; the registry's activation hint is
-    applied (see :func:`apply_activation_hint`)."""
+    applied (see :func:`apply_activation_hint`). ``check_format=False`` skips checking an explicit ``format``
+    against the files (for a caller that just described them in that format)."""
     resolved = resolve(
         ref, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
     )
-    name = format or resolved.format_hint or detect_format(resolved.source)
-    loaded = format_module(name).load(resolved.source, _layer_list(layers), decoders, variant=variant)
+    wanted = _layer_list(layers)
+    if format is not None and not check_format:
+        name, fmt = format, format_module(format)
+    else:
+        name, fmt = _format_for(resolved.source, format, resolved.format_hint)
+    with _reading(resolved.source, name):
+        loaded = fmt.load(resolved.source, wanted, decoders, variant=variant)
     loaded.config.source_format = name
     if resolved.activation_hint:
         apply_activation_hint(loaded, resolved.activation_hint, resolved.name)

@@ -23,13 +23,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ..errors import TranscoderFormatError
+from ..errors import HookSiteError, TranscoderFormatError
 from ..io.sources import FileSource
-from ..layer_encoder import FORMAT_VERSION, LayerEncoder, TranscoderConfig
-from ..sites import SITES_TO_TRANSFORMERLENS, site_from_transformerlens
+from ..layer_encoder import FORMAT_VERSION, INPUT_TRANSFORMS, LayerEncoder, TranscoderConfig
+from ..sites import (
+    NORM_DEPENDENT_HOOKS,
+    NORM_DEPENDENT_KEY,
+    SITES_TO_TRANSFORMERLENS,
+    site_from_transformerlens,
+    transformerlens_hook_name,
+)
 from . import gemma_scope, gemma_scope2
 from .base import Loaded, Summary
-from .common import SafetensorsReader, choose_layers, dtype_of, header_tensor, summary
+from .checks import ConfigValues, decode_text
+from .common import PROVISIONAL_NOTE, SafetensorsReader, choose_layers, dtype_of, header_info, summary
 
 NAME = "circuit_tracer"
 DESCRIPTION = "circuit-tracer CLT (W_enc_{i}.safetensors) or PLT set (layer_{i}.safetensors); native format"
@@ -49,11 +56,17 @@ def _no_variant(source: FileSource, variant: str | None) -> None:
 def read_config(source: FileSource) -> dict[str, Any] | None:
     if not source.exists("config.yaml"):
         return None
+    label = f"{source.name}/config.yaml"
+    text = decode_text(source.fetch("config.yaml").read_bytes(), label)
     try:
-        data = yaml.safe_load(source.fetch("config.yaml").read_text())
-    except yaml.YAMLError as exc:
-        raise TranscoderFormatError(f"{source.name}/config.yaml is not valid YAML: {exc}") from exc
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise TranscoderFormatError(f"{label} is not valid YAML: {exc}") from exc
     return data if isinstance(data, dict) else None
+
+
+def _values(source: FileSource, cfg: dict[str, Any]) -> ConfigValues:
+    return ConfigValues(cfg, f"{source.name}/config.yaml")
 
 
 def detect(source: FileSource) -> bool:
@@ -61,43 +74,76 @@ def detect(source: FileSource) -> bool:
     return bool(cfg) and cfg.get("model_kind") in (CLT_KIND, PLT_KIND)
 
 
-def _site(cfg: dict[str, Any]) -> tuple[str, str]:
-    """Our site and input transform from the config (our keys first, then circuit-tracer's hook)."""
-    if cfg.get("hook_site"):
-        return cfg["hook_site"], cfg.get("input_transform", "none")
-    hook = cfg.get("feature_input_hook")
-    if not hook:
-        return "resid_mid", cfg.get("input_transform", "none")
-    site, transform = site_from_transformerlens(hook)
-    return site, cfg.get("input_transform", transform)
+def _tl_site(v: ConfigValues, key: str) -> tuple[str, str]:
+    hook = v.str(key)
+    try:
+        return site_from_transformerlens(hook)
+    except HookSiteError as exc:
+        raise TranscoderFormatError(f"{v.label}: {key}: {exc}") from exc
 
 
-def _activation(cfg: dict[str, Any], thresholds: bool) -> str:
+def _site(v: ConfigValues) -> tuple[str, str, bool]:
+    """Our site, input transform and whether that transform depends on the model's norm (config's
+    ``hook_site``/``input_transform`` first, then circuit-tracer's hook)."""
+    explicit = v.choice("input_transform", (None, *INPUT_TRANSFORMS))
+    if v.has("hook_site"):
+        return v.str("hook_site"), explicit or "none", False
+    if not v.has("feature_input_hook"):
+        return "resid_mid", explicit or "none", False
+    site, transform = _tl_site(v, "feature_input_hook")
+    if explicit is not None:
+        return site, explicit, False
+    return site, transform, transformerlens_hook_name(v.str("feature_input_hook")) in NORM_DEPENDENT_HOOKS
+
+
+def _output_site(v: ConfigValues, default: str | None) -> str | None:
+    if v.has("output_site"):
+        return v.str("output_site")
+    return _tl_site(v, "feature_output_hook")[0] if v.has("feature_output_hook") else default
+
+
+def _activation(v: ConfigValues, thresholds: bool) -> str:
     """circuit-tracer's rule: the config's activation, else JumpReLU when every layer has thresholds."""
-    activation = cfg.get("activation") or "relu"
+    activation = v.str("activation") or "relu"
     if activation == "relu" and thresholds:
         activation = "jumprelu"
     return activation
 
 
-def _base_config(cfg: dict[str, Any], encoders: dict[int, LayerEncoder], layers: list[int]) -> TranscoderConfig:
+def _input_scale(v: ConfigValues, layer: int) -> float | None:
+    scales = v.sub("input_scale")
+    value = scales.data.get(layer, scales.data.get(str(layer)))
+    return None if value is None else ConfigValues({"v": value}, f"{scales.label} layer {layer}").float("v")
+
+
+def _base_config(v: ConfigValues, encoders: dict[int, LayerEncoder], layers: list[int]) -> TranscoderConfig:
     """Our config from config.yaml and the loaded encoders (JumpReLU when every layer has thresholds)."""
-    site, transform = _site(cfg)
-    out_hook = cfg.get("feature_output_hook")
-    output_site = cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else "mlp_out")
-    activation = _activation(cfg, all(encoders[i].threshold is not None for i in layers))
+    site, transform, provisional = _site(v)
+    activation = _activation(v, all(encoders[i].threshold is not None for i in layers))
     return TranscoderConfig.for_encoders(
         encoders,
         layers,
         activation=activation,
-        k=cfg.get("k"),
+        k=v.int("k", minimum=1),
         input_site=site,
-        output_site=output_site,
+        output_site=_output_site(v, "mlp_out"),
         input_transform=transform,
-        input_norm_eps=float(cfg.get("input_norm_eps", 1e-5 if transform != "rmsnorm" else 1e-6)),
-        model_name=cfg.get("model_name"),
-        metrics=dict(cfg.get("metrics") or {}),
+        input_norm_eps=v.float("input_norm_eps", 1e-5 if transform != "rmsnorm" else 1e-6, minimum=0),
+        model_name=v.str("model_name"),
+        metrics=v.dict("metrics"),
+        extra={NORM_DEPENDENT_KEY: True} if provisional else {},
     )
+
+
+def _expected_layers(v: ConfigValues, available: list[int], clt: bool) -> list[int] | None:
+    """Layers the config promises: its ``layers`` list, else a CLT's ``0..n_layers-1`` (or up to its last file)."""
+    listed = v.int_list("layers")
+    if listed is not None:
+        return listed
+    if clt:
+        n = v.int("n_layers", minimum=1)
+        return list(range(n if n is not None else max(available, default=-1) + 1))
+    return None
 
 
 def load(
@@ -107,25 +153,33 @@ def load(
     cfg = read_config(source)
     if not cfg:
         raise TranscoderFormatError(f"{source.name}: no circuit-tracer config.yaml")
-    if cfg.get("model_kind") == CLT_KIND:
-        return _load_clt(source, cfg, layers, decoders)
-    return _load_plt(source, cfg, layers, decoders)
+    v = _values(source, cfg)
+    kind = v.choice("model_kind", (CLT_KIND, PLT_KIND))
+    if kind == CLT_KIND:
+        return _load_clt(source, v, layers, decoders)
+    return _load_plt(source, v, layers, decoders)
 
 
-def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
-    listed = cfg.get("transcoders")
+def _listed_files(source: FileSource, v: ConfigValues) -> dict[int, tuple[FileSource, str]] | None:
+    """Layer -> (source, file) of a ``transcoders:`` list (position = layer), or None without one."""
+    listed = v.str_list("transcoders")
+    if not listed:
+        return None
+    return {i: source.resolve_uri(uri) for i, uri in enumerate(listed)}
+
+
+def _load_clt(source: FileSource, v: ConfigValues, layers: list[int] | None, decoders: bool):
+    listed = _listed_files(source, v)
     if listed:  # per-layer files elsewhere (Gemma Scope 2 CLTs wrapped by mwhanna/gemma-scope-2-* configs)
-        files = {i: source.resolve_uri(str(uri)) for i, uri in enumerate(listed)}
-        available = sorted(files)
+        available = sorted(listed)
     else:
-        files = {}
         available = sorted(int(m.group(1)) for f in source.list_files() if (m := _CLT_FILE.match(f)))
-    n_layers = int(cfg.get("n_layers") or len(available))
-    chosen = choose_layers(source, available, layers, "weights")
+    n_layers = v.int("n_layers", minimum=1) or len(available)
+    chosen = choose_layers(source, available, layers, "weights", _expected_layers(v, available, clt=True))
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         if listed:
-            src, name = files[i]
+            src, name = listed[i]
             r = SafetensorsReader(src.fetch(name), f"{src.name}/{name}")
             if "w_enc" not in r.keys:
                 raise TranscoderFormatError(
@@ -145,7 +199,7 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
             pre_bias=r.get(f"pre_bias_{i}", (d,), required=False),
             norm_weight=r.get(f"norm_weight_{i}", (d,), required=False),
             norm_bias=r.get(f"norm_bias_{i}", (d,), required=False),
-            input_scale=(cfg.get("input_scale") or {}).get(i),
+            input_scale=_input_scale(v, i),
         )
         b_dec = r.get(f"b_dec_{i}", (d,), required=False)
         if decoders:
@@ -157,26 +211,23 @@ def _load_clt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
         elif b_dec is not None:
             enc.set_decoder(None, b_dec)
         encoders[i] = enc
-    tc_cfg = _base_config(cfg, encoders, chosen)
+    tc_cfg = _base_config(v, encoders, chosen)
     tc_cfg.n_layers = n_layers
-    tc_cfg.span = cfg.get("span")
+    tc_cfg.span = v.int("span", minimum=1)
     return Loaded(tc_cfg, encoders)
 
 
-def _plt_files(source: FileSource, cfg: dict[str, Any]) -> dict[int, tuple[FileSource, str]]:
+def _plt_files(source: FileSource, v: ConfigValues) -> dict[int, tuple[FileSource, str]]:
     """Layer -> (source, file) for a PLT, following a ``transcoders:`` list when present."""
-    listed = cfg.get("transcoders")
+    listed = _listed_files(source, v)
     if listed:
-        out = {}
-        for i, uri in enumerate(listed):
-            out[i] = source.resolve_uri(str(uri))
-        return out
+        return listed
     return {int(m.group(1)): (source, f) for f in source.list_files() if (m := _PLT_FILE.match(f))}
 
 
-def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None, decoders: bool):
-    files = _plt_files(source, cfg)
-    chosen = choose_layers(source, sorted(files), layers, "weights")
+def _load_plt(source: FileSource, v: ConfigValues, layers: list[int] | None, decoders: bool):
+    files = _plt_files(source, v)
+    chosen = choose_layers(source, sorted(files), layers, "weights", _expected_layers(v, sorted(files), clt=False))
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         src, name = files[i]
@@ -197,14 +248,14 @@ def _load_plt(source: FileSource, cfg: dict[str, Any], layers: list[int] | None,
             pre_bias=r.get("pre_bias", (d,), required=False),
             norm_weight=r.get("norm_weight", (d,), required=False),
             norm_bias=r.get("norm_bias", (d,), required=False),
-            input_scale=(cfg.get("input_scale") or {}).get(i),
+            input_scale=_input_scale(v, i),
         )
         if decoders:
             enc.set_decoder(r.get("W_dec", (m, d)), r.get("b_dec", (d,)), r.get("W_skip", (d, d), required=False))
         encoders[i] = enc
-    tc_cfg = _base_config(cfg, encoders, chosen)
+    tc_cfg = _base_config(v, encoders, chosen)
     tc_cfg.span = 1
-    tc_cfg.n_layers = cfg.get("n_layers")
+    tc_cfg.n_layers = v.int("n_layers", minimum=1)
     return Loaded(tc_cfg, encoders)
 
 
@@ -298,21 +349,26 @@ def _sum_sizes(source: FileSource, files: list[str]) -> int | None:
 def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
     """A CLT/PLT from config.yaml and the encoder files' headers only (those of ``layers`` when given)."""
     _no_variant(source, variant)
-    cfg = read_config(source) or {}
-    kind = cfg.get("model_kind")
+    v = _values(source, read_config(source) or {})
+    kind = v.choice("model_kind", (CLT_KIND, PLT_KIND))
     files = source.list_files()
     if kind == CLT_KIND:
-        available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
-        targets = {i: (source, f"W_enc_{i}.safetensors", f"W_enc_{i}", f"threshold_{i}") for i in available}
+        listed = _listed_files(source, v)
+        if listed:
+            available = sorted(listed)
+            targets = {i: (*listed[i], "w_enc", "threshold") for i in available}
+        else:
+            available = sorted(int(m.group(1)) for f in files if (m := _CLT_FILE.match(f)))
+            targets = {i: (source, f"W_enc_{i}.safetensors", f"W_enc_{i}", f"threshold_{i}") for i in available}
         dec_files = [f for f in files if _CLT_DEC_FILE.match(f)]
     else:
-        resolved = _plt_files(source, cfg)
+        resolved = _plt_files(source, v)
         available = sorted(resolved)
         targets = {i: (*resolved[i], "W_enc", "activation_function.threshold") for i in available}
         dec_files = []
     if not available:
         raise TranscoderFormatError(f"{source.name}: config.yaml found but no per-layer weight files")
-    chosen = choose_layers(source, available, layers, "weights")
+    chosen = choose_layers(source, available, layers, "weights", _expected_layers(v, available, kind == CLT_KIND))
     widths, d_model, dtype, thresholds, notes, skip = [], None, None, [], [], False
     for i in chosen:
         src, fname, w_name, thr_name = targets[i]
@@ -322,15 +378,20 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
             widths += [m] * (len(chosen) - len(widths))
             thresholds.append(has_threshold)
             break
-        info, header = header_tensor(src, fname, w_name)
-        widths.append(info.shape[0])
-        d_model, dtype = info.shape[1], dtype_of(info)
+        header = src.header(fname)
+        if w_name not in header and "w_enc" in header:  # Gemma Scope 2 params file in a transcoders: list
+            w_name, thr_name = "w_enc", "threshold"
+        info = header_info(header, f"{src.name}/{fname}", w_name)
+        gs2 = w_name == "w_enc"
+        widths.append(info.shape[1] if gs2 else info.shape[0])
+        d_model, dtype = info.shape[0] if gs2 else info.shape[1], dtype_of(info)
         thresholds.append(thr_name in header)
         skip = skip or "W_skip" in header
         if kind != CLT_KIND and "W_dec" in header:
             dec_files.append(fname)
-    site, transform = _site(cfg)
-    out_hook = cfg.get("feature_output_hook")
+    site, transform, provisional = _site(v)
+    if provisional:
+        notes.append(PROVISIONAL_NOTE.format(transform=transform))
     enc_files = [targets[i][1] for i in chosen if targets[i][0] is source]
     return summary(
         NAME,
@@ -338,19 +399,19 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
         d_model,
         widths,
         site,
-        _activation(cfg, bool(thresholds) and all(thresholds)),
+        _activation(v, bool(thresholds) and all(thresholds)),
         dtype,
         kind="clt" if kind == CLT_KIND else "plt",
-        k=cfg.get("k"),
-        output_site=cfg.get("output_site") or (site_from_transformerlens(out_hook)[0] if out_hook else None),
+        k=v.int("k", minimum=1),
+        output_site=_output_site(v, None),
         input_transform=transform,
-        model_name=cfg.get("model_name"),
-        n_layers=cfg.get("n_layers") or (len(available) if kind == CLT_KIND else None),
+        model_name=v.str("model_name"),
+        n_layers=v.int("n_layers", minimum=1) or (len(available) if kind == CLT_KIND else None),
         encoder_bytes=_sum_sizes(source, enc_files) if enc_files else None,
         decoder_bytes=_sum_sizes(source, dec_files) if kind == CLT_KIND else None,
         total_bytes=_sum_sizes(source, files),
         has_decoders=bool(dec_files),
         has_skip=skip,
-        metrics=dict(cfg.get("metrics") or {}),
+        metrics=v.dict("metrics"),
         notes=notes,
     )

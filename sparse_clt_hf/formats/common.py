@@ -8,6 +8,7 @@ and turns library errors into :class:`TranscoderFormatError` naming the file.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from collections.abc import Iterable
@@ -22,27 +23,51 @@ from ..errors import TranscoderFormatError
 from ..io.sources import FileSource, Header, TensorInfo
 from ..layer_encoder import check_shape
 from .base import Summary
+from .checks import check_tensor, decode_text
 
+#: Description note for a transform that depends on the model's norm (see ``sites.NORM_DEPENDENT_HOOKS``).
+PROVISIONAL_NOTE = (
+    "input_transform {transform!r} is provisional: TransformerLens' ln2.hook_normalized is RMS-normalised on "
+    "RMSNorm models and (x - mean) / sqrt(var + eps) on LayerNorm models (GPT-2, Pythia, OPT, ...); "
+    "attach_clt / load_for_model choose it from the model's norm"
+)
 LAYER_IN_NAME = re.compile(r"(?:^|[/._-])layers?[._-]?(\d+)(?=$|[/._-])")
 
 
 def read_json(source: FileSource, path: str) -> dict[str, Any]:
     """Parse a JSON object file of ``source`` with an error naming the file."""
+    label = f"{source.name}/{path}"
+    text = decode_text(source.fetch(path).read_bytes(), label)
     try:
-        data = json.loads(source.fetch(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise TranscoderFormatError(f"{source.name}/{path} is not valid JSON: {exc}") from exc
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise TranscoderFormatError(f"{label} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise TranscoderFormatError(f"{source.name}/{path}: expected a JSON object, got {type(data).__name__}")
+        raise TranscoderFormatError(f"{label}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def choose_layers(source: FileSource, available: Iterable[int], wanted: list[int] | None, what: str) -> list[int]:
-    """The requested layers (all when None), checked against those ``source`` has."""
+def choose_layers(
+    source: FileSource,
+    available: Iterable[int],
+    wanted: list[int] | None,
+    what: str,
+    expected: Iterable[int] | None = None,
+) -> list[int]:
+    """The requested layers (all when None), checked against those ``source`` has.
+
+    ``expected``: the layers the config lists (or a CLT's contiguous range); when all layers are asked
+    for, one of those without its file is an error (never skipped), so ``layers=`` must exclude it."""
     have = sorted(set(available))
     if not have:
         raise TranscoderFormatError(f"{source.name}: no {what} found")
     if wanted is None:
+        absent = sorted(set(expected or ()) - set(have))
+        if absent:
+            raise TranscoderFormatError(
+                f"{source.name}: layers {absent} are listed by the config but their {what} are missing; "
+                f"it has layers {have} (pass layers= to load only those)"
+            )
         return have
     missing = [x for x in wanted if x not in have]
     if missing:
@@ -79,16 +104,90 @@ def pick_variant(source: FileSource, variants: dict[str, Any], variant: str | No
     return next(iter(variants))
 
 
+#: largest expansion of a deflated zip member (zlib's maximum ratio is about 1032:1)
+_MAX_DEFLATE_RATIO = 1100
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _npz_error(label: str, what: str, exc: BaseException) -> TranscoderFormatError:
+    return TranscoderFormatError(f"{label}: {what} ({type(exc).__name__}: {exc})")
+
+
 class NpzReader:
-    """Per-array reads from one ``.npz`` file (never unpickles), with errors naming file and array."""
+    """Per-array reads from one ``.npz`` file, with errors naming file and array.
+
+    Never unpickles (an array of Python objects is refused) and checks each array's header against
+    the bytes the archive holds before allocating anything, so a header claiming a huge shape is an
+    error, not an allocation."""
 
     def __init__(self, path: Path, label: str) -> None:
         self.label = label
         try:
-            self._npz = np.load(path, allow_pickle=False)
-            self.keys = set(self._npz.files)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise TranscoderFormatError(f"{label}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+            self._archive_size = Path(path).stat().st_size
+            self._zip = zipfile.ZipFile(path)
+            self._members = {
+                info.filename[:-4]: info for info in self._zip.infolist() if info.filename.endswith(".npy")
+            }
+        except MemoryError:
+            raise
+        except Exception as exc:  # zipfile raises many types for corrupt archives
+            raise _npz_error(label, "not a readable .npz file", exc) from exc
+        self.keys = set(self._members)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+        """(shape, fortran order, dtype) of array ``name`` from its header, checked against the archive."""
+        member = self._members[name]
+        try:
+            with self._zip.open(member) as fh:
+                return self._header(fh, name, member)[:3]
+        except TranscoderFormatError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise _npz_error(self.label, f"array {name!r} has an unreadable header", exc) from exc
+
+    def _header(self, fh: Any, name: str, member: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+        version = np.lib.format.read_magic(fh)
+        reader = _NPY_HEADER_READERS.get(version)
+        if reader is None:
+            raise TranscoderFormatError(f"{self.label}: array {name!r} has unsupported .npy version {version}")
+        shape, fortran, dtype = reader(fh)
+        if dtype.hasobject:
+            raise TranscoderFormatError(
+                f"{self.label}: array {name!r} holds Python objects (a pickle); refused - this library never "
+                "unpickles (expected a numeric array)"
+            )
+        nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
+        data_bytes = member.file_size - fh.tell()
+        stored_limit = (
+            self._archive_size if member.compress_type == zipfile.ZIP_STORED
+            else min(member.compress_size, self._archive_size) * _MAX_DEFLATE_RATIO + 65536
+        )
+        if nbytes != data_bytes or data_bytes > stored_limit:
+            raise TranscoderFormatError(
+                f"{self.label}: array {name!r} claims shape {list(shape)} of {dtype} ({nbytes} bytes) but the "
+                f"archive holds {max(data_bytes, 0)} bytes for it (truncated or corrupt file)"
+            )
+        return tuple(int(s) for s in shape), bool(fortran), dtype, nbytes
+
+    def _read(self, name: str) -> np.ndarray:
+        member = self._members[name]
+        with self._zip.open(member) as fh:
+            shape, fortran, dtype, nbytes = self._header(fh, name, member)
+            buf = bytearray(nbytes)
+            pos = 0
+            while pos < nbytes:
+                chunk = fh.read(min(nbytes - pos, 1 << 24))
+                if not chunk:
+                    raise EOFError(f"{nbytes - pos} bytes missing")
+                buf[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+        array = np.frombuffer(buf, dtype=dtype)
+        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
     def get(self, name: str, shape: Iterable[int | None] | None = None, required: bool = True) -> torch.Tensor | None:
         if name not in self.keys:
@@ -96,38 +195,28 @@ class NpzReader:
                 raise TranscoderFormatError(f"{self.label}: missing array {name!r}; found {sorted(self.keys)}")
             return None
         try:
-            array = self._npz[name]
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+            array = self._read(name)
+        except (TranscoderFormatError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _npz_error(self.label, f"array {name!r} could not be read (truncated or corrupt file?)", exc) from exc
+        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
             raise TranscoderFormatError(
-                f"{self.label}: array {name!r} could not be read (truncated or corrupt file?): {exc}"
-            ) from exc
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+                f"{self.label}: array {name!r} has dtype {array.dtype}; expected a floating-point array"
+            )
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        tensor = check_tensor(name, torch.from_numpy(np.ascontiguousarray(array)), self.label)
         return tensor if shape is None else check_shape(name, tensor, shape, self.label)
-
-
-_NPY_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
 
 
 def npz_headers(path: Path, label: str) -> Header:
     """{array: TensorInfo(dtype, shape)} of a local ``.npz`` from the ``.npy`` headers only (no data read)."""
+    reader = NpzReader(path, label)
     out: Header = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    reader = _NPY_HEADER_READERS.get(version)
-                    if reader is None:
-                        raise ValueError(f"unsupported .npy format version {version}")
-                    shape, _, dtype = reader(fh)
-                out[info.filename[:-4]] = TensorInfo(str(dtype), [int(s) for s in shape])
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise TranscoderFormatError(f"{label}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    for name in sorted(reader.keys):
+        shape, _, dtype = reader.info(name)
+        out[name] = TensorInfo(str(dtype), list(shape))
     return out
 
 
@@ -146,15 +235,20 @@ def dtype_of(info: TensorInfo) -> str:
     return ST_DTYPES.get(info.dtype, info.dtype)
 
 
+def header_info(header: Header, label: str, tensor: str, ndim: int = 2) -> TensorInfo:
+    """The info of ``tensor`` in a header read from ``label``, checked to have ``ndim`` dims."""
+    if tensor not in header:
+        raise TranscoderFormatError(f"{label}: no tensor {tensor!r}; found {sorted(header)}")
+    info = header[tensor]
+    if len(info.shape) != ndim or any(s < 0 for s in info.shape):
+        raise TranscoderFormatError(f"{label}: {tensor} has shape {info.shape}; expected {ndim} dims")
+    return info
+
+
 def header_tensor(source: FileSource, path: str, tensor: str, ndim: int = 2) -> tuple[TensorInfo, Header]:
     """(info of ``tensor``, whole header) of a safetensors file of ``source``, from its header only."""
     header = source.header(path)
-    if tensor not in header:
-        raise TranscoderFormatError(f"{source.name}/{path}: no tensor {tensor!r}; found {sorted(header)}")
-    info = header[tensor]
-    if len(info.shape) != ndim:
-        raise TranscoderFormatError(f"{source.name}/{path}: {tensor} has shape {info.shape}; expected {ndim} dims")
-    return info, header
+    return header_info(header, f"{source.name}/{path}", tensor, ndim), header
 
 
 def jump_threshold(threshold: torch.Tensor | None) -> torch.Tensor | None:
@@ -217,6 +311,7 @@ class SafetensorsReader:
             raise TranscoderFormatError(
                 f"{self.label}: tensor {name!r} could not be read (truncated or corrupt file?): {exc}"
             ) from exc
+        check_tensor(name, tensor, self.label)
         return tensor if shape is None else check_shape(name, tensor, shape, self.label)
 
 
@@ -236,7 +331,7 @@ _HF_HOOK = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+|\{all\})(?:\
 
 def site_from_hf_hook(hook: str) -> tuple[str, int | None]:
     """Our site and the layer for an HF module hook such as ``model.layers.5.pre_feedforward_layernorm.output``."""
-    m = _HF_HOOK.match(hook)
+    m = _HF_HOOK.match(hook) if isinstance(hook, str) else None
     if not m:
         raise TranscoderFormatError(
             f"hook point {hook!r} is not of the form '<...>.layers.N[.<module>].input|output'"

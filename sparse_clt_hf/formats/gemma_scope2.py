@@ -13,12 +13,12 @@ Hook points are module paths of ``Gemma3ForCausalLM``; ``common.site_from_hf_hoo
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from ..errors import TranscoderFormatError
 from ..io.sources import FileSource
 from ..layer_encoder import LayerEncoder, TranscoderConfig
 from .base import Loaded, Summary
+from .checks import ConfigValues
 from .common import (
     SafetensorsReader,
     choose_layers,
@@ -94,17 +94,22 @@ def load_clt_layer_file(source: FileSource, name: str, layer: int, decoders: boo
     return _encoder(SafetensorsReader(source.fetch(name), f"{source.name}/{name}"), decoders, source_layer=layer)
 
 
-def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEncoder], chosen: list[int]):
-    hook_in = cfg.get("hf_hook_point_in")
+def _hook_layer(v: ConfigValues) -> int | None:
+    """The layer in a config's ``hf_hook_point_in`` (None for ``{all}``)."""
+    hook = v.str("hf_hook_point_in")
+    if not hook:
+        raise TranscoderFormatError(f"{v.label}: no 'hf_hook_point_in'")
+    return site_from_hf_hook(hook)[1]
+
+
+def _config(source: FileSource, v: ConfigValues, encoders: dict[int, LayerEncoder], chosen: list[int]):
+    hook_in = v.str("hf_hook_point_in")
     if not hook_in:
-        raise TranscoderFormatError(f"{source.name}: config.json has no 'hf_hook_point_in'")
+        raise TranscoderFormatError(f"{v.label}: no 'hf_hook_point_in'")
     site, _ = site_from_hf_hook(hook_in)
-    hook_out = cfg.get("hf_hook_point_out")
+    hook_out = v.str("hf_hook_point_out")
     out_site = site_from_hf_hook(hook_out)[0] if hook_out else "mlp_out"
-    if cfg.get("architecture", "jump_relu") != "jump_relu":
-        raise TranscoderFormatError(
-            f"{source.name}: architecture {cfg.get('architecture')!r} is not supported (expected 'jump_relu')"
-        )
+    v.choice("architecture", ("jump_relu",), "jump_relu")
     keep = ("width", "l0", "affine_connection", "type", "hf_hook_point_in", "hf_hook_point_out")
     return TranscoderConfig.for_encoders(
         encoders,
@@ -112,9 +117,13 @@ def _config(source: FileSource, cfg: dict[str, Any], encoders: dict[int, LayerEn
         activation="jumprelu",
         input_site=site,
         output_site=out_site,
-        model_name=cfg.get("model_name"),
-        extra={k: cfg[k] for k in keep if k in cfg},
+        model_name=v.str("model_name"),
+        extra={k: v.data[k] for k in keep if k in v.data},
     )
+
+
+def _values(source: FileSource, path: str) -> ConfigValues:
+    return ConfigValues(read_json(source, path), f"{source.name}/{path}")
 
 
 def load(
@@ -128,8 +137,7 @@ def load(
         raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 config.json + params.safetensors found")
     by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
     if -1 in by_layer:  # a single layer's folder: the layer is in its config
-        cfg = read_json(source, CONFIG)
-        layer = site_from_hf_hook(str(cfg.get("hf_hook_point_in", "")))[1]
+        layer = _hook_layer(_values(source, CONFIG))
         if layer is None:
             raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
         by_layer = {layer: ""}
@@ -137,11 +145,11 @@ def load(
     encoders, cfgs = {}, {}
     for i in chosen:
         folder = by_layer[i]
-        cfgs[i] = read_json(source, join(folder, CONFIG))
-        hook_layer = site_from_hf_hook(str(cfgs[i].get("hf_hook_point_in", "")))[1]
+        cfgs[i] = _values(source, join(folder, CONFIG))
+        hook_layer = _hook_layer(cfgs[i])
         if hook_layer is not None and hook_layer != i:
             raise TranscoderFormatError(
-                f"{source.name}/{join(folder, CONFIG)}: hook point {cfgs[i]['hf_hook_point_in']!r} "
+                f"{cfgs[i].label}: hook point {cfgs[i].data['hf_hook_point_in']!r} "
                 f"is layer {hook_layer}, but the folder says layer {i}"
             )
         encoders[i] = load_layer_file(source, join(folder, PLT_PARAMS), decoders)
@@ -150,15 +158,21 @@ def load(
     return Loaded(cfg, encoders)
 
 
-def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, decoders: bool):
-    cfg = read_json(source, CONFIG)
+def _clt_files(source: FileSource, files: list[str], layers: list[int] | None) -> tuple[dict[int, str], list[int]]:
+    """Layer -> params_layer file of a CLT and the chosen layers (a CLT's layers are 0..n-1: a gap is an error)."""
     available = {int(m.group(1)): f for f in files if (m := _CLT_FILE.match(f))}
-    chosen = choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors")
+    expected = range(max(available, default=-1) + 1)
+    return available, choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors", expected)
+
+
+def _load_clt(source: FileSource, files: list[str], layers: list[int] | None, decoders: bool):
+    v = _values(source, CONFIG)
+    available, chosen = _clt_files(source, files, layers)
     encoders = {}
     for i in chosen:
         encoders[i] = load_clt_layer_file(source, available[i], i, decoders)
-    tc_cfg = _config(source, cfg, encoders, chosen)
-    tc_cfg.n_layers = len(available)
+    tc_cfg = _config(source, v, encoders, chosen)
+    tc_cfg.n_layers = max(available) + 1
     return Loaded(tc_cfg, encoders)
 
 
@@ -166,9 +180,8 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
     """Layers, sizes and sites from config.json and one requested layer's safetensors header (no weights)."""
     files = source.list_files()
     if _is_clt(files):
-        available = {int(m.group(1)): f for f in files if (m := _CLT_FILE.match(f))}
-        chosen = choose_layers(source, available, layers, "Gemma Scope 2 CLT params_layer_{i}.safetensors")
-        cfg, first = read_json(source, CONFIG), available[chosen[0]]
+        available, chosen = _clt_files(source, files, layers)
+        v, first = _values(source, CONFIG), available[chosen[0]]
         kind = "clt"
     else:
         folders = _plt_folders(source)
@@ -176,15 +189,16 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
             raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 files")
         by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
         if -1 in by_layer:  # a single layer's folder: the layer is in its config
-            cfg = read_json(source, CONFIG)
-            by_layer = {site_from_hf_hook(cfg["hf_hook_point_in"])[1]: ""}
+            layer = _hook_layer(_values(source, CONFIG))
+            if layer is None:
+                raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
+            by_layer = {layer: ""}
         chosen = choose_layers(source, by_layer, layers, "Gemma Scope 2 transcoder")
         folder = by_layer[chosen[0]]
-        cfg, first = read_json(source, join(folder, CONFIG)), join(folder, PLT_PARAMS)
+        v, first = _values(source, join(folder, CONFIG)), join(folder, PLT_PARAMS)
         kind = "plt"
     info, _ = header_tensor(source, first, "w_enc")
     d, m = info.shape
-    site = site_from_hf_hook(cfg["hf_hook_point_in"])[0] if cfg.get("hf_hook_point_in") else None
-    return summary(
-        NAME, chosen, d, m, site, "jumprelu", dtype_of(info), kind=kind, model_name=cfg.get("model_name")
-    )
+    hook = v.str("hf_hook_point_in")
+    site = site_from_hf_hook(hook)[0] if hook else None
+    return summary(NAME, chosen, d, m, site, "jumprelu", dtype_of(info), kind=kind, model_name=v.str("model_name"))

@@ -19,9 +19,16 @@ from ..activations import ACTIVATIONS
 from ..errors import HookSiteError, TranscoderFormatError
 from ..io.sources import FileSource
 from ..layer_encoder import LayerEncoder, TranscoderConfig
-from ..sites import site_from_transformerlens
+from ..sites import (
+    NORM_DEPENDENT_HOOKS,
+    NORM_DEPENDENT_KEY,
+    site_from_transformerlens,
+    transformerlens_hook_name,
+)
 from .base import Loaded, Summary
+from .checks import ConfigValues
 from .common import (
+    PROVISIONAL_NOTE,
     SafetensorsReader,
     choose_layers,
     dtype_of,
@@ -72,36 +79,40 @@ def detect(source: FileSource) -> bool:
 
 def parse_cfg(cfg: dict[str, Any], label: str) -> dict[str, Any]:
     """Normalise a SAELens cfg.json (6.x or older) to the fields we need."""
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    pre6 = "sae_lens_version" not in meta
-    arch = cfg.get("architecture") or ("topk" if cfg.get("activation_fn_str") == "topk" else "standard")
+    v = ConfigValues(cfg, label)
+    meta = v.sub("metadata")
+    pre6 = "sae_lens_version" not in meta.data
+    arch = v.str("architecture") or ("topk" if v.raw("activation_fn_str") == "topk" else "standard")
     if arch not in ARCHITECTURES:
         raise TranscoderFormatError(
             f"{label}: SAELens architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
         )
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    k = v.int("k", minimum=1)
+    if k is None:
+        k = v.sub("activation_fn_kwargs").int("k", minimum=1)
     is_tc = ARCHITECTURES[arch][2]
-    apply_b_dec = cfg.get("apply_b_dec_to_input", not is_tc)
+    apply_b_dec = v.bool("apply_b_dec_to_input", not is_tc)
     if is_tc and apply_b_dec:
         raise TranscoderFormatError(f"{label}: a transcoder cannot have apply_b_dec_to_input=true (SAELens refuses it)")
-    norm = cfg.get("normalize_activations")
-    if norm not in NORMALIZATIONS:
-        raise TranscoderFormatError(f"{label}: normalize_activations {norm!r} is not supported")
+    norm = v.choice("normalize_activations", list(NORMALIZATIONS))
+    layer = meta.int("hook_layer")
+    for key in ("hook_layer", "hook_point_layer"):
+        layer = v.int(key) if layer is None else layer
     return {
         "architecture": arch,
-        "k": None if k is None else int(k),
-        "apply_b_dec_to_input": bool(apply_b_dec),
+        "k": k,
+        "apply_b_dec_to_input": apply_b_dec,
         "normalize_activations": norm or "none",
-        "rescale_acts_by_decoder_norm": bool(cfg.get("rescale_acts_by_decoder_norm")),
-        "hook_name": meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"),
-        "hook_name_out": meta.get("hook_name_out") or cfg.get("hook_name_out"),
-        "hf_hook_name": meta.get("hf_hook_name") or cfg.get("hf_hook_name"),
-        "hf_hook_name_out": meta.get("hf_hook_name_out") or cfg.get("hf_hook_name_out"),
-        "layer": meta.get("hook_layer", cfg.get("hook_layer", cfg.get("hook_point_layer"))),
-        "model_name": meta.get("model_name") or cfg.get("model_name"),
-        "d_in": cfg.get("d_in"),
-        "d_sae": cfg.get("d_sae"),
-        "scaling_factor": cfg.get("scaling_factor"),
+        "rescale_acts_by_decoder_norm": v.bool("rescale_acts_by_decoder_norm"),
+        "hook_name": meta.str("hook_name") or v.str("hook_name") or v.str("hook_point"),
+        "hook_name_out": meta.str("hook_name_out") or v.str("hook_name_out"),
+        "hf_hook_name": meta.str("hf_hook_name") or v.str("hf_hook_name"),
+        "hf_hook_name_out": meta.str("hf_hook_name_out") or v.str("hf_hook_name_out"),
+        "layer": layer,
+        "model_name": meta.str("model_name") or v.str("model_name"),
+        "d_in": v.int("d_in", minimum=1),
+        "d_sae": v.int("d_sae", minimum=1),
+        "scaling_factor": v.float("scaling_factor"),
         "pre6": pre6,
     }
 
@@ -118,6 +129,7 @@ def site_and_layer(p: dict[str, Any], label: str) -> tuple[str, str, str, int]:
             out = site_from_transformerlens(p["hook_name_out"])[0] if p["hook_name_out"] else site
         except HookSiteError as exc:
             raise TranscoderFormatError(f"{label}: {exc}") from exc
+        p["norm_dependent"] = transformerlens_hook_name(p["hook_name"]) in NORM_DEPENDENT_HOOKS
         m = _LAYER_OF_HOOK.match(p["hook_name"])
         layer = int(m.group(1)) if m else None
     else:
@@ -135,8 +147,7 @@ def _scaling_factor(source: FileSource, folder: str, p: dict[str, Any]) -> float
         return float(p["scaling_factor"])
     path = join(folder, SCALER)
     if source.exists(path):
-        value = read_json(source, path).get("scaling_factor")
-        return None if value is None else float(value)
+        return ConfigValues(read_json(source, path), f"{source.name}/{path}").float("scaling_factor")
     return None  # SAELens' SAE.encode applies no scaling either when none was saved
 
 
@@ -210,6 +221,7 @@ def load(
     encoders = {i: _load_one(source, found[i][0], ps[i], decoders) for i in chosen}
     act = ARCHITECTURES[p0["architecture"]][0]
     transform = p0["transform"] if p0["transform"] != "none" else NORMALIZATIONS[p0["normalize_activations"]]
+    provisional = p0.get("norm_dependent") and p0["normalize_activations"] == "none"
     cfg = TranscoderConfig.for_encoders(
         encoders,
         chosen,
@@ -225,6 +237,7 @@ def load(
             "architecture": p0["architecture"],
             "normalize_activations": p0["normalize_activations"],
             "folders": {i: found[i][0] for i in chosen},
+            **({NORM_DEPENDENT_KEY: True} if provisional else {}),
         },
     )
     return Loaded(cfg, encoders)
@@ -239,7 +252,9 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
     folder, p = found[chosen[0]]
     info, _ = header_tensor(source, join(folder, WEIGHTS), "W_enc")
     d, m = info.shape
+    transform = p["transform"] if p["transform"] != "none" else NORMALIZATIONS[p["normalize_activations"]]
+    notes = [PROVISIONAL_NOTE.format(transform=transform)] if p.get("norm_dependent") else []
     return summary(
         NAME, chosen, d, m, p["site"], ARCHITECTURES[p["architecture"]][0], dtype_of(info),
-        architecture=p["architecture"], k=p["k"], model_name=p["model_name"],
+        architecture=p["architecture"], k=p["k"], model_name=p["model_name"], input_transform=transform, notes=notes,
     )

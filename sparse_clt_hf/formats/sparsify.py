@@ -22,6 +22,7 @@ from ..errors import TranscoderFormatError
 from ..io.sources import FileSource
 from ..layer_encoder import LayerEncoder, TranscoderConfig
 from .base import Loaded, Summary
+from .checks import ConfigValues
 from .common import (
     SafetensorsReader,
     choose_layers,
@@ -94,21 +95,21 @@ def detect(source: FileSource) -> bool:
     return bool(_hookpoints(source))
 
 
-def _check_cfg(label: str, cfg: dict[str, Any]) -> None:
-    act = cfg.get("activation", "topk")
-    if act not in ACTIVATION_NAMES:
-        raise TranscoderFormatError(f"{label}: activation {act!r} is not supported (supported: {sorted(ACTIVATION_NAMES)})")
-    if cfg.get("coalesce_topk", "none") not in ("none", None):
+def _check_cfg(label: str, cfg: dict[str, Any]) -> ConfigValues:
+    v = ConfigValues(cfg, label)
+    v.choice("activation", list(ACTIVATION_NAMES), "topk")
+    if v.raw("coalesce_topk", "none") != "none":
         raise TranscoderFormatError(
             f"{label}: coalesce_topk={cfg['coalesce_topk']!r} selects the top-k across layers, so one layer's "
             f"features cannot be computed alone; not supported"
         )
+    return v
 
 
-def _decoder(r: SafetensorsReader, cfg: dict[str, Any], m: int, d: int):
+def _decoder(r: SafetensorsReader, v: ConfigValues, m: int, d: int):
     """(W_dec [m, n_targets, d], b_dec, W_skip) of a sparsify / clt-training file."""
-    n = int(cfg.get("n_targets") or 0)
-    if not (cfg.get("transcode") and n > 0 and "W_decs.0" in r.keys):
+    n = v.int("n_targets", 0, minimum=0)
+    if not (v.bool("transcode") and n > 0 and "W_decs.0" in r.keys):
         return r.get("W_dec", (m, d)), r.get("b_dec", (d,)), r.get("W_skip", (d, d), required=False)
     W = []
     for i in range(n):
@@ -119,43 +120,64 @@ def _decoder(r: SafetensorsReader, cfg: dict[str, Any], m: int, d: int):
                 f"{r.label}: post_encs.{i} is non-zero; its offset of active latents cannot be folded into a "
                 f"linear decoder (features load fine with decoders=False)"
             )
-        scale = r.get(f"post_enc_scales.{i}", (m,), required=False) if cfg.get("post_encoder_scale") else None
+        scale = r.get(f"post_enc_scales.{i}", (m,), required=False) if v.bool("post_encoder_scale") else None
         W.append(w if scale is None else w * scale[:, None])
     b = r.get("b_decs.0", (d,), required=False)
     skip = r.get("W_skips.0", (d, d), required=False)
     return torch.stack(W, dim=1), b, skip
 
 
-def _load_one(source: FileSource, folder: str, decoders: bool) -> tuple[LayerEncoder, dict[str, Any]]:
+def _load_one(source: FileSource, folder: str, decoders: bool) -> tuple[LayerEncoder, ConfigValues]:
     cfg = read_json(source, join(folder, CFG))
     label = f"{source.name}/{join(folder, WEIGHTS)}"
-    _check_cfg(f"{source.name}/{join(folder, CFG)}", cfg)
+    v = _check_cfg(f"{source.name}/{join(folder, CFG)}", cfg)
     r = SafetensorsReader(source.fetch(join(folder, WEIGHTS)), label)
-    d = int(cfg["d_in"]) if "d_in" in cfg else None
-    W = r.get("encoder.weight", (None, d))
+    W = r.get("encoder.weight", (None, v.int("d_in", minimum=1)))
     m, d = W.shape
-    if cfg.get("num_latents") and int(cfg["num_latents"]) != m:
-        raise TranscoderFormatError(f"{label}: encoder.weight has {m} latents, cfg.json says {cfg['num_latents']}")
-    pre_bias = None if cfg.get("transcode") else r.get("b_dec", (d,))
+    latents = v.int("num_latents", minimum=1)
+    if latents is not None and latents != m:
+        raise TranscoderFormatError(f"{label}: encoder.weight has {m} latents, cfg.json says {latents}")
+    transcode = v.bool("transcode")
+    pre_bias = None if transcode else r.get("b_dec", (d,))
     scale = None
-    if cfg.get("normalize_io"):
-        in_norm = r.get("in_norm", (1,))
-        scale = math.sqrt(d) / float(in_norm.float().item())
+    if v.bool("normalize_io"):
+        in_norm = float(r.get("in_norm", (1,)).float().item())
+        if not in_norm > 0:
+            raise TranscoderFormatError(f"{label}: in_norm is {in_norm}; expected a positive norm")
+        scale = math.sqrt(d) / in_norm
     enc = LayerEncoder(W, r.get("encoder.bias", (m,)), pre_bias=pre_bias, input_scale=scale)
     if decoders:
-        enc.set_decoder(*_decoder(r, cfg, m, d))
-    return enc, cfg
+        enc.set_decoder(*_decoder(r, v, m, d))
+    return enc, v
+
+
+def _run_config(source: FileSource) -> dict[str, Any]:
+    """sparsify's run config (``model``, ``hookpoints``) written as config.json at the run root ({} if none)."""
+    if not source.exists("config.json"):
+        return {}
+    try:
+        return read_json(source, "config.json")
+    except TranscoderFormatError:
+        return {}
 
 
 def _model_name(source: FileSource) -> str | None:
-    """sparsify writes its run config (with ``model``) as config.json at the run root."""
-    if not source.exists("config.json"):
-        return None
-    try:
-        model = read_json(source, "config.json").get("model")
-    except TranscoderFormatError:
-        return None
+    model = _run_config(source).get("model")
     return model if isinstance(model, str) else None
+
+
+def _expected_layers(source: FileSource, template: str) -> list[int]:
+    """Layers of ``template`` among the hookpoints the run config lists (patterns with wildcards skipped)."""
+    listed = _run_config(source).get("hookpoints")
+    if not isinstance(listed, list):
+        return []
+    out = []
+    for hp in listed:
+        if isinstance(hp, str) and not any(c in hp for c in "*?[") and (m := _ANY_LAYER.match(hp)):
+            name = f"{m.group('stem')}.{{layer}}" + (f".{m.group('rest')}" if m.group("rest") else "")
+            if name == template:
+                out.append(int(m.group("layer")))
+    return out
 
 
 def _select(source: FileSource, variant: str | None) -> tuple[str, dict[int, str], dict[str, str]]:
@@ -174,17 +196,18 @@ def load(
 ) -> Loaded:
     """``variant`` picks a hookpoint template such as ``"layers.{layer}.mlp"`` when a repo has several."""
     template, by_layer, hookpoints = _select(source, variant)
-    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    expected = _expected_layers(source, template)
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r} folders", expected)
     encoders, cfgs = {}, {}
     for i in chosen:
         encoders[i], cfgs[i] = _load_one(source, hookpoints[by_layer[i]], decoders)
     cfg0 = cfgs[chosen[0]]
-    transcode = bool(cfg0.get("transcode"))
+    transcode = cfg0.bool("transcode")
     in_site, out_site, _ = hookpoint_site(by_layer[chosen[0]], transcode)
-    ks = {int(c.get("k", 32)) for c in cfgs.values()}
+    ks = {c.int("k", 32, minimum=1) for c in cfgs.values()}
     if len(ks) != 1:
         raise TranscoderFormatError(f"{source.name}: layers use different k {sorted(ks)}; load them separately")
-    n_targets = int(cfg0.get("n_targets") or 0)
+    n_targets = cfg0.int("n_targets", 0, minimum=0)
     keep = ("activation", "k", "transcode", "skip_connection", "normalize_io", "n_targets", "n_sources", "multi_topk")
     cfg = TranscoderConfig.for_encoders(
         encoders,
@@ -195,7 +218,7 @@ def load(
         output_site=out_site,
         span=n_targets if transcode and n_targets > 0 else 1,
         model_name=_model_name(source),
-        extra={"hookpoint_template": template, **{k: cfg0[k] for k in keep if k in cfg0}},
+        extra={"hookpoint_template": template, **{k: cfg0.data[k] for k in keep if k in cfg0.data}},
     )
     return Loaded(cfg, encoders)
 
@@ -203,13 +226,14 @@ def load(
 def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
     """Layers, sizes, site and k from one requested layer's cfg.json and safetensors header (no weights)."""
     template, by_layer, hookpoints = _select(source, variant)
-    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r}")
+    expected = _expected_layers(source, template)
+    chosen = choose_layers(source, by_layer, layers, f"sparsify hookpoint {template!r} folders", expected)
     folder = hookpoints[by_layer[chosen[0]]]
-    cfg = read_json(source, join(folder, CFG))
+    v = _check_cfg(f"{source.name}/{join(folder, CFG)}", read_json(source, join(folder, CFG)))
     info, _ = header_tensor(source, join(folder, WEIGHTS), "encoder.weight")
     m, d = info.shape
-    site = hookpoint_site(by_layer[chosen[0]], bool(cfg.get("transcode")))[0]
+    site = hookpoint_site(by_layer[chosen[0]], v.bool("transcode"))[0]
     return summary(
-        NAME, chosen, d, m, site, ACTIVATION_NAMES.get(cfg.get("activation", "topk"), "topk"), dtype_of(info),
-        k=cfg.get("k"), hookpoint_template=template,
+        NAME, chosen, d, m, site, ACTIVATION_NAMES[v.raw("activation", "topk")], dtype_of(info),
+        k=v.int("k", 32, minimum=1), hookpoint_template=template,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from ..errors import TranscoderFormatError
 from ..io.sources import FileSource
 from ..layer_encoder import LayerEncoder, TranscoderConfig, check_shape, dtype_name
 from .base import Loaded, Summary
+from .checks import ConfigValues, check_tensor
 from .common import choose_layers, summary
 
 NAME = "vlm_clt"
@@ -49,29 +49,36 @@ def read_checkpoint(source: FileSource, name: str) -> tuple[dict[str, Any], dict
             f"{label}: refused by torch.load(weights_only=True) - the pickle holds objects other than "
             f"tensors and plain containers, and this library never runs pickled code ({exc})"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise TranscoderFormatError(f"{label}: not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load raises many types for truncated or corrupt files
+        raise TranscoderFormatError(
+            f"{label}: not a readable torch checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(obj, dict):
         raise TranscoderFormatError(f"{label}: expected a dict checkpoint, got {type(obj).__name__}")
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict):
         raise TranscoderFormatError(f"{label}: 'state_dict' is a {type(state).__name__}, expected a dict")
-    state = {k.removeprefix(_PREFIX): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = {
+        k.removeprefix(_PREFIX): v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+    }
     return obj, state
 
 
 def _get(state: dict[str, torch.Tensor], label: str, name: str, shape: list[int | None]) -> torch.Tensor:
     if name not in state:
         raise TranscoderFormatError(f"{label}: missing tensor {name!r}; found {sorted(state)}")
-    return check_shape(name, state[name], shape, label)
+    return check_shape(name, check_tensor(name, state[name], label), shape, label)
 
 
 def _load_one(source: FileSource, name: str, layer: int, decoders: bool) -> tuple[LayerEncoder, dict[str, Any]]:
     label = f"{source.name}/{name}"
     obj, state = read_checkpoint(source, name)
-    if "layer" in obj and int(obj["layer"]) != layer:
+    v = ConfigValues({k: val for k, val in obj.items() if isinstance(k, str)}, label)
+    if v.has("layer") and v.int("layer") != layer:
         raise TranscoderFormatError(f"{label}: checkpoint says layer {obj['layer']}, the file name says {layer}")
-    W = _get(state, label, "enc.1.weight", [obj.get("feature_dim"), obj.get("hidden_dim")])
+    W = _get(state, label, "enc.1.weight", [v.int("feature_dim", minimum=1), v.int("hidden_dim", minimum=1)])
     m, d = W.shape
     enc = LayerEncoder(
         W,
@@ -131,9 +138,8 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
     _no_variant(source, variant)
     files = _files(source)
     chosen = choose_layers(source, files, layers, "transcoder_L{L}.pt checkpoints")
+    label = f"{source.name}/{files[chosen[0]]}"
     obj, state = read_checkpoint(source, files[chosen[0]])
-    W = state.get("enc.1.weight")
-    m, d = (None, None) if W is None else W.shape
-    return summary(
-        NAME, chosen, d, m, "mlp_in", "relu", None if W is None else dtype_name(W.dtype), input_transform="layernorm"
-    )
+    W = _get(state, label, "enc.1.weight", [None, None])
+    m, d = W.shape
+    return summary(NAME, chosen, d, m, "mlp_in", "relu", dtype_name(W.dtype), input_transform="layernorm")

@@ -51,7 +51,7 @@ def resolve(
         return ref
     if not isinstance(ref, (str, Path)):
         return Reference.of_source(ref)
-    text = str(ref)
+    text = check_reference_text(ref)
     entry = registry.get_entry(text) if isinstance(ref, str) else None
     if entry is not None:
         src = HubSource(
@@ -69,9 +69,15 @@ def resolve(
             hint["k"] = entry.k
         return Reference(src, entry.format, hint or None)
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, no permission, a loop of links
+        raise TranscoderFormatError(f"{text[:200]!r} cannot be read as a folder ({type(exc).__name__}: {exc})") from exc
+    if is_dir:
+        if path.resolve() == Path(path.resolve().anchor):
+            raise TranscoderFormatError(f"{text!r} is the filesystem root, not a transcoder folder")
         return Reference(LocalSource(path))
-    if text.startswith(("/", "./", "../", "~")) or (path.exists() and not path.is_dir()):
+    if text.startswith(("/", "./", "../", "~")) or exists:
         raise TranscoderFormatError(
             f"{text!r} is not a folder (a transcoder reference must be a folder or repo)"
         )
@@ -91,6 +97,29 @@ def resolve(
         local_files_only=local_files_only,
     )
     return Reference(source)
+
+
+#: Longest reference accepted (a path or a repo id with sub-folder and revision).
+MAX_REFERENCE_LENGTH = 4096
+
+
+def check_reference_text(ref: str | Path) -> str:
+    """The text of a reference, refused before any filesystem or network access when it is empty, too
+    long, or holds control characters."""
+    text = str(ref)
+    if not text.strip():
+        raise TranscoderFormatError(
+            "empty transcoder reference: pass a folder, an org/repo[/subfolder][@revision], an hf:// URI "
+            "or a registry name"
+        )
+    if len(text) > MAX_REFERENCE_LENGTH:
+        raise TranscoderFormatError(
+            f"transcoder reference of {len(text)} characters (at most {MAX_REFERENCE_LENGTH}): {text[:80]!r}..."
+        )
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise TranscoderFormatError(f"transcoder reference {text[:200]!r} holds the control character {bad!r}")
+    return text
 
 
 def open_source(ref: str | Path, **hub_kwargs: object) -> FileSource:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import struct
 from dataclasses import dataclass, field
@@ -72,20 +73,55 @@ class FileSource(Protocol):
         """(source, relative file) for a URI found in a config (``hf://...`` or a path)."""
 
 
+#: Most files a local folder may hold: a transcoder has at most a few thousand; more means a wrong
+#: reference (``/``, a home folder), refused after a bounded scan instead of walking the whole disk.
+MAX_LOCAL_FILES = 100_000
+
+
+def _inside(path: str) -> bool:
+    """Whether a relative POSIX path stays inside its root once normalised (no ``..`` escape)."""
+    norm = posixpath.normpath(path)
+    return not (norm == ".." or norm.startswith("../") or norm.startswith("/"))
+
+
+def _config_uri_error(where: str, uri: str, why: str) -> TranscoderFormatError:
+    return TranscoderFormatError(f"{where}: the config names {uri!r}, {why}")
+
+
 class LocalSource:
-    """A transcoder in a local folder."""
+    """A transcoder in a local folder.
+
+    A config in the folder may name files inside the folder (relative paths) and ``hf://`` URIs; a path
+    outside it (absolute, or escaping with ``..``) is refused unless it lies in one of ``allowed``, the
+    folders the caller passes explicitly. The check is on the path as written (symlinks inside the folder,
+    as in a Hugging Face cache snapshot, are followed as usual).
+    """
 
     format_hint: str | None = None
     activation_hint: ActivationHint | None = None
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
+    def __init__(self, root: str | Path, *, allowed: tuple[str | Path, ...] | list[str | Path] = ()) -> None:
+        try:
+            self.root = Path(root).expanduser()
+            is_dir = self.root.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise TranscoderFormatError(f"{str(root)[:200]!r} cannot be opened as a folder ({exc})") from exc
+        if not is_dir:
             raise TranscoderFormatError(f"{self.root} is not a folder")
         self.name = str(self.root)
+        self.allowed = tuple(Path(os.path.abspath(Path(a).expanduser())) for a in allowed)
 
     def list_files(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        out: list[str] = []
+        for dirpath, _, filenames in os.walk(self.root, followlinks=True):
+            rel = Path(dirpath).relative_to(self.root)
+            out.extend((rel / f).as_posix() for f in filenames if os.path.isfile(os.path.join(dirpath, f)))
+            if len(out) > MAX_LOCAL_FILES:
+                raise TranscoderFormatError(
+                    f"{self.name} holds more than {MAX_LOCAL_FILES} files: not a transcoder folder "
+                    "(point at the folder that holds the transcoder's config and weight files)"
+                )
+        return sorted(out)
 
     def exists(self, path: str) -> bool:
         return (self.root / path).is_file()
@@ -107,14 +143,26 @@ class LocalSource:
         return read_safetensors_header(full, f"{self.name}/{path}")
 
     def sub(self, folder: str) -> LocalSource:
-        return LocalSource(self.root / folder)
+        return LocalSource(self.root / folder, allowed=self.allowed)
 
     def resolve_uri(self, uri: str) -> tuple[FileSource, str]:
         if uri.startswith("hf://"):
             self._linked: dict = getattr(self, "_linked", {})
             return open_uri(uri, _repos=self._linked)
-        full = (self.root / uri) if not Path(uri).is_absolute() else Path(uri)
-        return LocalSource(full.parent), full.name
+        if "://" in uri or "\\" in uri or any(ord(c) < 32 for c in uri):
+            raise _config_uri_error(self.name, uri, "which is neither a path nor an hf:// URI")
+        if not Path(uri).is_absolute() and _inside(uri):
+            full = Path(os.path.normpath(self.root / uri))
+            return LocalSource(full.parent, allowed=self.allowed), full.name
+        full = Path(os.path.abspath(Path(self.root, uri)))
+        if not any(full.is_relative_to(a) for a in self.allowed):
+            raise _config_uri_error(
+                self.name,
+                uri,
+                "outside this folder; a config may only point inside its folder or at hf:// URIs. To read it, "
+                f"pass the folder explicitly: LocalSource({self.name!r}, allowed=[{str(full.parent)!r}])",
+            )
+        return LocalSource(full.parent, allowed=self.allowed), full.name
 
 
 # ---------------------------------------------------------------------------- Hub source
@@ -326,9 +374,13 @@ class HubSource:
                 endpoint=self.repo.endpoint,
                 _repos=self.repo.linked,
             )
-        if Path(uri).is_absolute():
-            return LocalSource(Path(uri).parent), Path(uri).name
-        return self, uri
+        full = posixpath.normpath(posixpath.join(self.subfolder, uri))
+        if "://" in uri or "\\" in uri or uri.startswith("/") or any(ord(c) < 32 for c in uri) or not _inside(full):
+            raise _config_uri_error(
+                self.name, uri, "but a Hub repo's config may only name files of the same repo or hf:// URIs"
+            )
+        folder, _, name = full.rpartition("/")
+        return HubSource(self.repo.repo_id, folder, _repo=self.repo), name
 
 
 def read_safetensors_header(path: Path, label: str | None = None) -> Header:
@@ -344,13 +396,18 @@ def read_safetensors_header(path: Path, label: str | None = None) -> Header:
             )
         try:
             meta = json.loads(fh.read(n))
-            return {k: TensorInfo(v["dtype"], list(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TranscoderFormatError(f"{label}: corrupt safetensors header ({exc})") from exc
+            out = {k: TensorInfo(v["dtype"], list(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise TranscoderFormatError(f"{label}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
+    for name, info in out.items():
+        if not isinstance(info.dtype, str) or not all(type(s) is int and s >= 0 for s in info.shape):
+            raise TranscoderFormatError(f"{label}: corrupt safetensors header (tensor {name!r}: {info})")
+    return out
 
 
 # ---------------------------------------------------------------------------- Hub references and URIs
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MAX_REPO_PART = 96  # the Hub's limit on a repo id's owner and name
 _HUB_REF = re.compile(rf"^(?P<repo>{_REPO_PART}/{_REPO_PART})(?P<sub>(?:/[^@]+)?)(?:@(?P<rev>.+))?$")
 
 
@@ -376,6 +433,10 @@ def parse_hub_ref(ref: str) -> HubRef | None:
     m = _HUB_REF.match(ref)
     if not m:
         return None
+    if any(len(part) > MAX_REPO_PART for part in m["repo"].split("/")):
+        raise TranscoderFormatError(
+            f"{ref[:120]!r}: a Hub repo's owner and name are at most {MAX_REPO_PART} characters each"
+        )
     return HubRef(m["repo"], m["sub"].strip("/"), m["rev"])
 
 
