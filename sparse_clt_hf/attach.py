@@ -27,6 +27,8 @@ from .capture.steering import Steer, Steering, SteeringHandle, check_steer, chec
 from .capture.tap import CallInfo, GenerateTap
 from .errors import AlignmentError, IncompatibleTranscoderError
 from .features import Features
+from .io.refs import resolve
+from .loading import choose_input_transform, load_decoder_rows, load_for_model
 from .sites import find_decoder_layers, model_dims, resolve_site_in_layer
 from .transcoder import CrossLayerTranscoder, check_compatible
 
@@ -82,7 +84,9 @@ class CLTAttachment:
         encoders = {
             layer: transcoder.encoder(layer).converted(devices[layer], compute_dtype, decoder=False) for layer in wanted
         }
-        self.transcoder = CrossLayerTranscoder(transcoder.select_layers(wanted).config, encoders)
+        # (a copy of the config: a transform that depends on the model's norm is settled for this model)
+        config = choose_input_transform(transcoder.select_layers(wanted).config, model)
+        self.transcoder = CrossLayerTranscoder(config, encoders)
         self.widths = [self.transcoder.encoder(x).n_features for x in wanted]
         self._recorder = FeatureRecorder(
             model,
@@ -210,8 +214,6 @@ class CLTAttachment:
         widths = dict(zip(self.layers, self.widths))
         new = check_steer(layer, feature, value, mode, positions, widths, self._steering.steers)
         layer, feature = new.layer, new.feature
-        from .loading import load_decoder_rows
-
         rows = load_decoder_rows(self._source["source"], layer, [feature], format=self._source.get("format"),
                                  variant=self._source.get("variant"))[0]  # [n_out, d]
         n_out = 1 if self.transcoder.config.is_plt else rows.shape[0]
@@ -483,9 +485,6 @@ def attach_clt(
     _check_options(top_k, activation_threshold, chunk_size, window, dtype, site, on_step)
     source = None
     if not isinstance(transcoder, CrossLayerTranscoder):
-        from .io.refs import resolve
-        from .loading import load_for_model
-
         variant = hub_kwargs.pop("variant", None)
         ref = resolve(transcoder, **hub_kwargs)  # steer() reads decoder rows from the same reference
         source = {"source": ref, "format": format, "variant": variant}

@@ -234,3 +234,16 @@ def test_faults_leave_a_working_attachment(where, exc):
         assert torch.equal(out, first_out)
     assert _hook_count(model) == plain_hooks and "generate" not in model.__dict__
     check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
+def test_a_loaded_transcoder_reading_ln2_normalized_follows_the_model_norm():
+    """A transcoder object whose input transform depends on the model's norm (TransformerLens'
+    ln2.hook_normalized) is settled for the model it is attached to (GPT-2: LayerNorm without affine)."""
+    from sparse_clt_hf.sites import NORM_DEPENDENT_KEY
+
+    model = tiny_model("gpt2")
+    tc = random_transcoder(input_transform="rmsnorm")
+    tc.config.extra[NORM_DEPENDENT_KEY] = True
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        assert clt.transcoder.config.input_transform == "layernorm"
+    assert tc.config.input_transform == "rmsnorm" and tc.config.extra[NORM_DEPENDENT_KEY]  # the user's object
