@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CaptureStats, FeatureRecorder, StepCallback
+from .capture.per_model import PerModel
 from .capture.steering import Steer, Steering, SteeringHandle, check_steer, check_value
 from .capture.tap import CallInfo, GenerateTap
 from .errors import AlignmentError, IncompatibleTranscoderError
@@ -280,7 +281,7 @@ class CLTAttachment:
 
 
 # ---------------------------------------------------------------------------- copies
-class _CopyGuard:
+class _CopyGuard(PerModel):
     """Makes ``copy.deepcopy(model)`` and ``pickle.dumps(model)`` of an attached model a plain model.
 
     Installed as the instance's ``__deepcopy__`` and ``__reduce_ex__`` (which ``copy`` and ``pickle``
@@ -292,10 +293,6 @@ class _CopyGuard:
     ATTR = "_sparse_clt_copy_guard"
     SLOTS = ("__deepcopy__", "__reduce_ex__")
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.attachments: list[CLTAttachment] = []
-
     def deepcopy(self, memo: dict) -> nn.Module:
         model = self.model
         keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, "generate")
@@ -305,7 +302,7 @@ class _CopyGuard:
             model.__dict__["generate"] = tap.saved_instance_attr
         tables = self._hook_tables()
         saved_tables = [(t, list(t.items())) for t in tables]
-        ours = {h.id for att in self.attachments for h in att._all_handles()}
+        ours = {h.id for att in self.members for h in att._all_handles()}
         for t in tables:
             for hid in ours & set(t):
                 del t[hid]
@@ -324,7 +321,7 @@ class _CopyGuard:
     def _hook_tables(self) -> list[dict]:
         """Every hook table (forward hooks, pre-hooks, their kwargs flags) that holds one of our hooks."""
         tables: dict[int, dict] = {}
-        for att in self.attachments:
+        for att in self.members:
             for handle in att._all_handles():
                 refs = [handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())]
                 for ref in refs:
@@ -333,25 +330,13 @@ class _CopyGuard:
                         tables[id(table)] = table
         return list(tables.values())
 
-    @classmethod
-    def join(cls, model: nn.Module, att: CLTAttachment) -> None:
-        guard = model.__dict__.get(cls.ATTR)
-        if guard is None:
-            guard = model.__dict__[cls.ATTR] = cls(model)
-            model.__dict__["__deepcopy__"] = guard.deepcopy
-            model.__dict__["__reduce_ex__"] = guard.reduce_ex
-        guard.attachments.append(att)
+    def install(self) -> None:
+        self.model.__dict__["__deepcopy__"] = self.deepcopy
+        self.model.__dict__["__reduce_ex__"] = self.reduce_ex
 
-    @classmethod
-    def leave(cls, model: nn.Module, att: CLTAttachment) -> None:
-        guard = model.__dict__.get(cls.ATTR)
-        if guard is None:
-            return
-        if att in guard.attachments:
-            guard.attachments.remove(att)
-        if not guard.attachments:
-            for key in (cls.ATTR, *cls.SLOTS):
-                model.__dict__.pop(key, None)
+    def uninstall(self) -> None:
+        for key in self.SLOTS:
+            self.model.__dict__.pop(key, None)
 
 
 # ---------------------------------------------------------------------------- validation

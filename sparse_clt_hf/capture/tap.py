@@ -22,6 +22,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..errors import AlignmentError
+from .per_model import PerModel
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ class _StepEnd(LogitsProcessor):
         return scores
 
 
-class GenerateTap:
-    """Wraps ``model.generate`` (once per model, shared by all attachments) and calls the listeners."""
+class GenerateTap(PerModel):
+    """Wraps ``model.generate`` (once per model, shared by all attachments) and calls the listeners
+    (its :attr:`members`)."""
 
     ATTR = "_sparse_clt_generate_tap"
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.listeners: list[CallListener] = []
+        super().__init__(model)
         self.active: list[CallListener] = []
         self.lock = threading.Lock()
         self.original = model.generate  # bound method (class attribute)
@@ -71,11 +72,18 @@ class GenerateTap:
         self.saved_instance_attr = model.__dict__.get("generate")
         self.signature = inspect.signature(self.original)
 
+    def install(self) -> None:
         @functools.wraps(self.original)
         def generate(*args: Any, **kwargs: Any) -> Any:
             return self.run(args, kwargs)
 
-        model.generate = generate  # type: ignore[method-assign]
+        self.model.generate = generate  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        if self.had_instance_attr:
+            self.model.generate = self.saved_instance_attr  # type: ignore[method-assign]
+        else:
+            self.model.__dict__.pop("generate", None)
 
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
@@ -92,7 +100,7 @@ class GenerateTap:
                 "call at a time (use one model per thread, or serialise the calls)"
             )
         try:
-            listeners = self.active = list(self.listeners)
+            listeners = self.active = list(self.members)
             info = _call_info(self.model, arguments)
             if not _assisted(self.model, arguments):
                 # (assisted decoding hands the processors to the assistant's generate too, and it runs
@@ -126,28 +134,6 @@ class GenerateTap:
         finally:
             self.active = []
             self.lock.release()
-
-    @classmethod
-    def join(cls, model: nn.Module, listener: CallListener) -> None:
-        tap = model.__dict__.get(cls.ATTR)
-        if tap is None:
-            tap = cls(model)
-            model.__dict__[cls.ATTR] = tap
-        tap.listeners.append(listener)
-
-    @classmethod
-    def leave(cls, model: nn.Module, listener: CallListener) -> None:
-        tap = model.__dict__.get(cls.ATTR)
-        if tap is None:
-            return
-        if listener in tap.listeners:
-            tap.listeners.remove(listener)
-        if not tap.listeners:
-            if tap.had_instance_attr:
-                model.generate = tap.saved_instance_attr  # type: ignore[method-assign]
-            else:
-                model.__dict__.pop("generate", None)
-            del model.__dict__[cls.ATTR]
 
 
 def _var_keyword(sig: inspect.Signature) -> str:
