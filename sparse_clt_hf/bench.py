@@ -354,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(), "model": source, "layers": n_layers, "d_model": d,
         "device": args.device, "dtype": args.dtype, "quick": bool(args.quick), "reps": s.reps, "warmup": s.warmup,
         "activation": s.activation, "columns": s.columns, "compile": s.compile,
-        "load_average": _load_average(), "command": " ".join(sys.argv),
+        "load_average": _load_average(), "command": _command(),
     }, "w1": [], "w2": None, "w3": [], "w4": None, "scaling": None}
 
     def save() -> None:
@@ -397,6 +397,13 @@ def _run(args: argparse.Namespace) -> int:
     save()
     print(json.dumps(report, indent=2, default=str) if quiet else render(report))
     return 0
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "bench.py")):
+        argv[0] = "python -m sparse_clt_hf" if argv[0].endswith("__main__.py") else "python -m sparse_clt_hf.bench"
+    return " ".join(argv)
 
 
 def _load_average() -> list[float] | None:
