@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET:-560}
 DRY=${GPU_CHECK_DRY:-0}

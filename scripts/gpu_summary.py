@@ -92,4 +92,4 @@ def summarise(out: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(summarise(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out")))
+    print(summarise(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gpu_check_out")))

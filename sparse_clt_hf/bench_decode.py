@@ -142,6 +142,7 @@ def bench_decode(model: torch.nn.Module, d: int, n_layers: int, width: int, batc
     if compiled:
         out.update(_static_blocks(model, tc, inputs, new, s, extra, device, times))
     out.update({f"t_{name}": median(ts) for name, ts in times.items()})
+    out["runs"] = {name: [round(t, 4) for t in ts] for name, ts in times.items()}  # every timed run, in order
     for name, ts in times.items():
         if name != "floor":
             out[f"tok_s_{name}"] = batch * new / median(ts)

@@ -163,3 +163,29 @@ def test_scaling_sweep_runs_the_chosen_axis(tmp_path) -> None:
 def test_bad_sweep_is_named(spec: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         bench.parse_sweeps([spec], bench.Settings().scaling)
+
+
+def test_gpu_check_script_parses_and_its_summary_reads_a_report(quick_report: dict, tmp_path) -> None:
+    """scripts/gpu_check.sh is valid bash; scripts/gpu_summary.py turns the bench's JSON into the README's tables
+    (the script itself is run end to end with GPU_CHECK_DRY=1, which takes a minute: not here)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check.sh")], check=True)
+    (tmp_path / "bench_eager.json").write_text(json.dumps(quick_report))
+    static = {**quick_report, "w1": [{**quick_report["w1"][0], "compile_static_plain": 70.0, "compile_static_clt": 71.0}]}
+    (tmp_path / "bench_static_b8.json").write_text(json.dumps(static))
+    (tmp_path / "tests.json").write_text(json.dumps({"runner": "direct (no pytest)", "device": "cuda", "counts": {
+        "passed": 3, "failed": 0, "skipped": 0}, "results": []}))
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    text = gpu_summary.summarise(tmp_path)
+    assert "| batch | plain (s) | attached (s)" in text and "| batch | static plain (s)" in text
+    assert "70.0 / 71.0" in text and "3 passed, 0 failed" in text and "W2 64-token prefill" in text
