@@ -16,11 +16,11 @@ interleaved in a rotating order; on CUDA every timed region is synchronised befo
   new tokens x batch / seconds. Compiled static columns run in blocks (plain, then attached), each
   block's first call (the compile) reported apart as ``compile_static_*``.
 - **W2 long prefill**: one 2048-token forward attached vs plain vs ``output_hidden_states=True`` and
-  encoding afterwards, each warmed up first; ``clt_vs_floor = t_clt / (t_plain + t_encode)`` where
-  ``t_encode`` is one batched encode per layer of the hidden states. Bytes kept are exact tensor sizes;
-  peak memory is the peak RSS above the RSS before the forward (``VmHWM`` reset via
-  ``/proc/self/clear_refs``), each variant in a fresh subprocess with a random-weight model of the same
-  config (``torch.cuda.max_memory_allocated`` on GPU, in-process).
+  encoding afterwards, each warmed up first, then interleaved; ``clt_vs_floor = t_clt / (t_plain +
+  t_encode)`` where ``t_encode`` is one batched encode per layer of the hidden states. Bytes kept are
+  exact tensor sizes; on the CPU peak memory is the peak RSS above the RSS before the forward (``VmHWM``
+  reset via ``/proc/self/clear_refs``), each variant in a fresh subprocess with a random-weight model of
+  the same config (on GPU ``torch.cuda.max_memory_allocated``, in-process).
 - **W3 encode kernel**: ``encode_sparse`` on each of ``--kernel-rows`` rows vs the bare matmul
   ``x @ W_enc.T`` and vs a naive dense activation + ``topk`` over all features.
 - **W4 memory over calls**: RSS after each of 20 ``generate`` calls with ``reset()`` in between.
