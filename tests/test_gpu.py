@@ -71,7 +71,6 @@ def test_eager_generate_matches_reference() -> None:
         with attach_clt(model, tc, top_k=TOP_K) as clt:
             out, feats = clt.generate(**kw)
         assert torch.equal(out, plain), "attaching changed the generated ids"
-        assert feats.values.device.type == out.device.type
         _check(feats, model, tc, out, mask)
 
 
