@@ -52,7 +52,7 @@ class DecodeBuffer:
             raise AlignmentError("internal: the decode buffer was resized while it held unencoded positions")
         self.batch, self.window = batch, window
         self.bufs = {
-            layer: torch.zeros((batch, window, self.d), dtype=self.dtype, device=self.devices[layer]) for layer in self.layers
+            layer: torch.empty((batch, window, self.d), dtype=self.dtype, device=self.devices[layer]) for layer in self.layers
         }
         self._ar = {k: torch.arange(window, device=p.device) for k, p in self.pos.items()}
         for t in (*self.bufs.values(), *self._ar.values()):

@@ -87,7 +87,7 @@ class Record:
             indices=stack(self.indices),
             values=stack(self.values),
             l0=stack(self.l0),
-            mask=self.mask[-1].cpu().bool(),
+            mask=self.mask[-1].cpu().bool().clone(),
             layers=list(self.layers),
             token_ids=None if tokens is None else tokens.cpu(),
             n_features=self.widths,

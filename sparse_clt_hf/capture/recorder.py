@@ -112,6 +112,7 @@ class FeatureRecorder:
         self._eager_at_step = 0
         self._call: CallInfo | None = None
         self.window = 1  # decode steps per batched encode, for the current record's batch
+        self._ones: dict[tuple[int, int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ registration
     def register(self) -> list[RemovableHandle]:
@@ -315,10 +316,20 @@ class FeatureRecorder:
         else from the attention mask the pass was given (``given``: its kwargs and input length)."""
         prompt_mask = self._call.mask if self._call is not None else None
         if prompt_mask is not None and prompt_mask.shape[0] == batch:
+            if start >= prompt_mask.shape[1]:
+                return self._all_real(batch, new, device)  # a decode step: no new tensor, no launch
             return generated_mask(prompt_mask, start, new).to(device)
         if given is not None:
             return new_positions_mask(given[0], batch, given[1], new, device)
-        return torch.ones(batch, new, dtype=torch.bool, device=device)
+        return self._all_real(batch, new, device)
+
+    def _all_real(self, batch: int, new: int, device: torch.device) -> torch.Tensor:
+        """An all-True mask [batch, new], made once per shape and device (read only)."""
+        key = (batch, new, str(device))
+        mask = self._ones.get(key)
+        if mask is None:
+            mask = self._ones[key] = torch.ones(batch, new, dtype=torch.bool, device=device)
+        return mask
 
     # ------------------------------------------------------------------ compiled passes
     def _prepare_graph_pass(self, batch: int, n: int) -> None:
