@@ -21,6 +21,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -229,7 +230,15 @@ class _Handler(BaseHTTPRequestHandler):
         conn.request(self.command, self.path, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
-        self.send_response(resp.status)
+        status = resp.status
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if m and self.command == "GET" and status == 200 and int(m[1]) < len(body):
+            # olah serves mirror files whole (200, Range ignored); the Hub answers ranges with 206
+            end = min(int(m[2]) if m[2] else len(body) - 1, len(body) - 1)
+            total, body, status = len(body), body[int(m[1]) : end + 1], 206
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {int(m[1])}-{end}/{total}")
         for key, value in resp.getheaders():
             if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
                 self.send_header(key, value)

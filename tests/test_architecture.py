@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_transcoder
-from format_fixtures import write_gemma_scope2_clt, write_gemma_scope2_plt, write_saelens, write_sparsify
+from format_fixtures import (
+    write_gemma_scope,
+    write_gemma_scope2_clt,
+    write_gemma_scope2_plt,
+    write_saelens,
+    write_sparsify,
+)
 
 from sparse_clt_hf import CrossLayerTranscoder, TranscoderConfig
 from sparse_clt_hf.activations import ACTIVATIONS, Activation
@@ -140,6 +146,10 @@ class HeaderOnlySource(LocalSource):
         self.headers.append(path)
         return super().header(path)
 
+    def open_range(self, path: str):  # npz: the zip directory and array headers, read on demand
+        self.headers.append(path)
+        return open(self.root / path, "rb")
+
 
 def _saelens(root: Path, layers: list[int], d: int, m: int) -> None:
     for layer in layers:
@@ -152,6 +162,7 @@ def _saelens(root: Path, layers: list[int], d: int, m: int) -> None:
         ("saelens", lambda p: _saelens(p, [0, 3, 5], 16, 48) or p),
         ("gemma_scope2", lambda p: write_gemma_scope2_plt(p, [0, 3, 5], 16, 48) and p),
         ("gemma_scope2", lambda p: write_gemma_scope2_clt(p, 6, 16, 48) and p / "clt/width_262k_l0_medium"),
+        ("gemma_scope", lambda p: write_gemma_scope(p, [0, 3, 5], 16, 48) and p),
         ("sparsify", lambda p: write_sparsify(p, [f"layers.{i}.mlp" for i in (0, 3, 5)], 16, 48, transcode=True) and p),
     ],
 )

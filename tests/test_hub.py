@@ -8,10 +8,12 @@ and the errors for bad input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -106,6 +108,20 @@ def hub(tcs):
             ],
         }
         server.commit_files("org/gs-pointer", {"config.yaml": yaml.safe_dump(gs_pointer).encode()})
+        gs_dev = Path(tempfile.mkdtemp(prefix="gs-dev-"))
+        write_gemma_scope(gs_dev, [0, 1], D, 24, seed=5)
+        server.add_folder("google/gs-test", gs_dev, revision="dev")
+        server.gs_local = {"google/gs-test": gs}
+        for repo, deflate in (("google/gs-wide", False), ("google/gs-wide-deflated", True)):
+            wide = Path(tempfile.mkdtemp(prefix="gs-wide-"))  # 1 MB per params.npz: headers are a few KB
+            write_gemma_scope(wide, [0, 1], D, 4096, seed=4)
+            if deflate:  # np.savez_compressed: every member ZIP_DEFLATED
+                for f in wide.rglob("params.npz"):
+                    with np.load(f) as z:
+                        arrays = dict(z)
+                    np.savez_compressed(f, **arrays)
+            server.gs_local[repo] = wide
+            server.add_folder(repo, wide)
         yield server
     finally:
         server.stop()
@@ -386,18 +402,87 @@ def test_other_format_via_hub_describe_and_load(env, hub):
     desc = describe(open_source("google/gs-test", cache_dir=env))
     assert (desc.format, desc.layers, desc.n_features, desc.d_model) == ("gemma_scope", [0, 1], [48, 48], D)
     assert desc.input_site == "resid_mid" and desc.activation == "jumprelu"
-    before = cached_files(env, "google/gs-test")  # gemma_scope.describe reads one params.npz
+    assert cached_files(env, "google/gs-test") == set()  # npz headers by range requests, nothing downloaded
     tc = CrossLayerTranscoder.from_pretrained("google/gs-test", layers=[1], cache_dir=env)
     torch.testing.assert_close(tc.encoder(1).W_enc, torch.from_numpy(hub.gemma_scope[1]["W_enc"]).T)
-    assert cached_files(env, "google/gs-test") - before <= {"layer_1/width_16k/average_l0_50/params.npz"}
-    assert len(cached_files(env, "google/gs-test")) <= 2
+    assert cached_files(env, "google/gs-test") == {"layer_1/width_16k/average_l0_50/params.npz"}
+
+
+def _same_summary(a, b) -> bool:
+    return dataclasses.replace(a, name="") == dataclasses.replace(b, name="")
+
+
+@pytest.mark.parametrize("repo", ["google/gs-wide", "google/gs-wide-deflated"])
+def test_gemma_scope_describe_reads_npz_headers_by_range_requests(env, hub, monkeypatch, capsys, cli_main, repo):
+    """describe / inspect of a Gemma Scope 1 repo download no params.npz: the zip directory and .npy headers
+    of the requested layer's file come by HTTP range requests (stored and deflated members alike)."""
+    reads: list[tuple[str, int]] = []
+    get_range = HubSource._get_range
+
+    def counted(self, full, start, length):
+        data = get_range(self, full, start, length)
+        reads.append((full, len(data or b"")))
+        return data
+
+    def no_npz(self, path):
+        assert not path.endswith(".npz"), f"describe downloaded {path}"
+        return fetch(self, path)
+
+    fetch = HubSource.fetch
+    monkeypatch.setattr(HubSource, "_get_range", counted)
+    monkeypatch.setattr(HubSource, "fetch", no_npz)
+    file = "layer_1/width_16k/average_l0_50/params.npz"
+    size = (hub.gs_local[repo] / file).stat().st_size
+    desc = describe(open_source(repo, cache_dir=env), layers=[1])
+    assert _same_summary(desc, describe(LocalSource(hub.gs_local[repo]), layers=[1]))
+    assert (desc.layers, desc.n_features, desc.d_model, desc.dtype) == ([1], [4096], D, "float32")
+    assert {f for f, _ in reads} == {file}  # only the requested layer's file
+    assert 0 < sum(n for _, n in reads) < size / 20, (sum(n for _, n in reads), size)
+    every = describe(open_source(repo, cache_dir=env))
+    assert _same_summary(every, describe(LocalSource(hub.gs_local[repo])))
+    capsys.readouterr()
+    assert cli_main(["inspect", repo, "--json", "--cache-dir", str(env)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["layers"], info["n_features"]) == ("gemma_scope", [0, 1], [4096, 4096])
+    assert cached_files(env, repo) == set()
+    monkeypatch.setattr(HubSource, "fetch", fetch)
+    tc = CrossLayerTranscoder.from_pretrained(repo, layers=[1], cache_dir=env)
+    with np.load(hub.gs_local[repo] / file) as z:
+        torch.testing.assert_close(tc.encoder(1).W_enc, torch.from_numpy(z["W_enc"]).T)
+    assert cached_files(env, repo) == {file}
+
+
+def test_gemma_scope_describe_honours_endpoint_revision_and_token(env, hub, monkeypatch):
+    """The range requests go to the source's endpoint and revision, with its token."""
+    import huggingface_hub
+    import huggingface_hub.utils as hf_utils
+
+    urls, tokens = [], []
+    hf_hub_url, build_hf_headers = huggingface_hub.hf_hub_url, hf_utils.build_hf_headers
+
+    def url_spy(repo_id, filename, **kw):
+        urls.append((repo_id, filename, kw.get("revision"), kw.get("endpoint")))
+        return hf_hub_url(repo_id, filename, **kw)
+
+    def headers_spy(token=None, **kw):
+        tokens.append(token)
+        return build_hf_headers(token=token, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_url", url_spy)
+    monkeypatch.setattr(hf_utils, "build_hf_headers", headers_spy)
+    src = HubSource("google/gs-test", revision="dev", token="hf_other_token", cache_dir=env, endpoint=hub.url)
+    desc = describe(src, layers=[0])
+    assert (desc.layers, desc.n_features) == ([0], [24])  # the dev branch's width, not main's 48
+    assert urls and set(urls) == {("google/gs-test", "layer_0/width_16k/average_l0_50/params.npz", "dev", hub.url)}
+    assert set(tokens) == {"hf_other_token"}
+    assert cached_files(env, "google/gs-test") == set()
 
 
 def test_uri_list_into_npz_files(env, hub):
     desc = describe(open_source("org/gs-pointer", cache_dir=env))
     assert (desc.kind, desc.layers, desc.n_features, desc.d_model) == ("plt", [0, 1], [48, 48], D)
     assert desc.input_transform == "rmsnorm"
-    assert cached_files(env, "google/gs-test") == {"layer_0/width_16k/average_l0_50/params.npz"}
+    assert cached_files(env, "google/gs-test") == set()  # npz headers by range requests
     tc = CrossLayerTranscoder.from_pretrained("org/gs-pointer", layers=[1], cache_dir=env)
     torch.testing.assert_close(tc.encoder(1).W_enc, torch.from_numpy(hub.gemma_scope[1]["W_enc"]).T)
 

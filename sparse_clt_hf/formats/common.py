@@ -13,13 +13,13 @@ import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import TranscoderFormatError
+from ..errors import HubAccessError, SparseCLTError, TranscoderFormatError
 from ..io.sources import FileSource, Header, TensorInfo
 from ..layer_encoder import check_shape
 from .base import Summary
@@ -112,7 +112,14 @@ _NPY_HEADER_READERS = {
 }
 
 
-def _npz_error(label: str, what: str, exc: BaseException) -> TranscoderFormatError:
+def _npz_error(label: str, what: str, exc: BaseException) -> SparseCLTError:
+    """A format error naming the file, or the Hub error behind it (zipfile turns a failed ranged read
+    into BadZipFile: the network, not the file, is at fault)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, HubAccessError):
+            return HubAccessError(f"{label}: {cause}")
+        cause = cause.__cause__ or cause.__context__
     return TranscoderFormatError(f"{label}: {what} ({type(exc).__name__}: {exc})")
 
 
@@ -121,12 +128,16 @@ class NpzReader:
 
     Never unpickles (an array of Python objects is refused) and checks each array's header against
     the bytes the archive holds before allocating anything, so a header claiming a huge shape is an
-    error, not an allocation."""
+    error, not an allocation. ``path`` may be a seekable binary file (e.g. :meth:`FileSource.open_range`,
+    whose reads are range requests): only the zip directory and the arrays read are then transferred."""
 
-    def __init__(self, path: Path, label: str) -> None:
+    def __init__(self, path: Path | BinaryIO, label: str) -> None:
         self.label = label
         try:
-            self._archive_size = Path(path).stat().st_size
+            if isinstance(path, (str, Path)):
+                self._archive_size = Path(path).stat().st_size
+            else:
+                self._archive_size = path.seek(0, 2)
             self._zip = zipfile.ZipFile(path)
             self._members = {
                 info.filename[:-4]: info for info in self._zip.infolist() if info.filename.endswith(".npy")
@@ -143,9 +154,7 @@ class NpzReader:
         try:
             with self._zip.open(member) as fh:
                 return self._header(fh, name, member)[:3]
-        except TranscoderFormatError:
-            raise
-        except MemoryError:
+        except (SparseCLTError, MemoryError):
             raise
         except Exception as exc:
             raise _npz_error(self.label, f"array {name!r} has an unreadable header", exc) from exc
@@ -196,7 +205,7 @@ class NpzReader:
             return None
         try:
             array = self._read(name)
-        except (TranscoderFormatError, MemoryError):
+        except (SparseCLTError, MemoryError):
             raise
         except Exception as exc:
             raise _npz_error(self.label, f"array {name!r} could not be read (truncated or corrupt file?)", exc) from exc
@@ -210,8 +219,16 @@ class NpzReader:
         return tensor if shape is None else check_shape(name, tensor, shape, self.label)
 
 
-def npz_headers(path: Path, label: str) -> Header:
-    """{array: TensorInfo(dtype, shape)} of a local ``.npz`` from the ``.npy`` headers only (no data read)."""
+def source_npz_headers(source: FileSource, path: str) -> Header:
+    """:func:`npz_headers` of a source's file through :meth:`FileSource.open_range`: on the Hub, range
+    requests for the zip directory and each array's headers (no download, deflated members included)."""
+    with source.open_range(path) as fh:
+        return npz_headers(fh, f"{source.name}/{path}")
+
+
+def npz_headers(path: Path | BinaryIO, label: str) -> Header:
+    """{array: TensorInfo(dtype, shape)} of an ``.npz`` (a path or seekable file) from the ``.npy`` headers
+    only (no data read)."""
     reader = NpzReader(path, label)
     out: Header = {}
     for name in sorted(reader.keys):

@@ -15,7 +15,15 @@ from ..errors import TranscoderFormatError
 from ..io.sources import FileSource
 from ..layer_encoder import LayerEncoder, TranscoderConfig
 from .base import Loaded, Summary
-from .common import NpzReader, choose_layers, folder_of, jump_threshold, layer_from_name, npz_headers, summary
+from .common import (
+    NpzReader,
+    choose_layers,
+    folder_of,
+    jump_threshold,
+    layer_from_name,
+    source_npz_headers,
+    summary,
+)
 
 NAME = "gemma_scope"
 DESCRIPTION = "Gemma Scope (Gemma 2) transcoders: layer_{L}/width_*/average_l0_*/params.npz"
@@ -87,8 +95,9 @@ def load_layer_file(source: FileSource, name: str, decoders: bool) -> LayerEncod
 
 
 def layer_file_info(source: FileSource, name: str) -> tuple[int, int, str, bool]:
-    """(d_model, n_features, dtype, has threshold) of one ``params.npz`` from its array headers."""
-    heads = npz_headers(source.fetch(name), f"{source.name}/{name}")
+    """(d_model, n_features, dtype, has threshold) of one ``params.npz`` from its array headers (on the
+    Hub: range requests for the zip directory and the ``.npy`` headers, the file is not downloaded)."""
+    heads = source_npz_headers(source, name)
     if "W_enc" not in heads:
         raise TranscoderFormatError(f"{source.name}/{name}: no W_enc array; found {sorted(heads)}")
     d, m = heads["W_enc"].shape
@@ -117,8 +126,8 @@ def load(
 
 
 def describe(source: FileSource, layers: list[int] | None = None, *, variant: str | None = None) -> Summary:
-    """Layers, sizes and site from the npz array headers of one requested layer (no weights read;
-    a Hub npz has no separate header, so that one file is downloaded)."""
+    """Layers, sizes and site from the npz array headers of one requested layer (no weights read or
+    downloaded: on the Hub the zip directory and array headers are read by range requests)."""
     files = _layer_files(source, variant)
     chosen = choose_layers(source, files, layers, "Gemma Scope params.npz")
     first = files[chosen[0]]

@@ -3,8 +3,10 @@
 :class:`LocalSource` reads a folder; :class:`HubSource` a Hub repo (or a sub-folder), downloading one
 file per :meth:`~HubSource.fetch` through ``hf_hub_download`` (standard HF cache, progress bars,
 ``HF_HUB_OFFLINE``) and reading safetensors headers with huggingface_hub's metadata reads (HTTP range
-requests), so describing a transcoder never downloads its weights. :func:`read_safetensors_header` is
-the one local header reader; every header is ``{tensor: TensorInfo(dtype, shape)}``.
+requests), so describing a transcoder never downloads its weights. :meth:`~HubSource.open_range` opens a Hub
+file as a seekable file of range requests (an ``.npz``'s zip directory and array headers are read that way).
+:func:`read_safetensors_header` is the one local header reader; every header is
+``{tensor: TensorInfo(dtype, shape)}``.
 
 Only the public huggingface_hub API is used (0.34 to 2.x). The endpoint is read at call time from
 ``$HF_ENDPOINT`` (falling back to ``huggingface_hub.constants.ENDPOINT``), so it can change after import.
@@ -12,6 +14,7 @@ Only the public huggingface_hub API is used (0.34 to 2.x). The endpoint is read 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -19,10 +22,11 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypedDict
+from typing import Any, BinaryIO, NamedTuple, Protocol, TypedDict
 from urllib.parse import parse_qs, unquote, urlparse
 
 from ..errors import HubAccessError, TranscoderFormatError
+from .ranges import RangeFile, hub_range
 
 
 class TensorInfo(NamedTuple):
@@ -65,6 +69,10 @@ class FileSource(Protocol):
 
     def header(self, path: str) -> Header:
         """Tensors of a safetensors file from its header only (no weights downloaded where possible)."""
+
+    def open_range(self, path: str) -> BinaryIO:
+        """``path`` as a seekable binary file that reads only the bytes asked for (range requests on the
+        Hub; a download only where the server ignores ranges or downloads are off and the cache has it)."""
 
     def sub(self, folder: str) -> FileSource:
         """The source rooted at a sub-folder."""
@@ -141,6 +149,9 @@ class LocalSource:
         if not full.is_file():
             raise TranscoderFormatError(f"{self.name}: missing file {path!r}")
         return read_safetensors_header(full, f"{self.name}/{path}")
+
+    def open_range(self, path: str) -> BinaryIO:
+        return open(self.fetch(path), "rb")
 
     def sub(self, folder: str) -> LocalSource:
         return LocalSource(self.root / folder, allowed=self.allowed)
@@ -360,6 +371,37 @@ class HubSource:
                     raise TranscoderFormatError(f"{label}: not a readable safetensors file ({exc})") from exc
                 # server without range requests: fall back to downloading the file
         return read_safetensors_header(self.fetch(path), label)
+
+    def open_range(self, path: str) -> BinaryIO:
+        """A seekable file over HTTP range requests (the cached copy when there is one); the file is
+        downloaded only when downloads are off (then it must be cached) or the server ignores ``Range``."""
+        from huggingface_hub import try_to_load_from_cache
+
+        full = self._full(path)
+        cached = try_to_load_from_cache(self.repo.repo_id, full, cache_dir=self.repo.cache_dir, revision=self.repo.revision)
+        if isinstance(cached, str):
+            return open(cached, "rb")
+        if not self.exists(path):
+            raise self._missing(path)
+        size = self.size(path)
+        if size and not (self.repo.local_files_only or self.repo.from_cache or _offline()):
+            # the probe reads the zip end record (and usually its directory): one request that also checks ranges
+            start = max(size - 1024, 0)
+            tail = self._get_range(full, start, size - start)
+            if tail is not None and len(tail) == size - start:
+                raw = RangeFile(lambda at, n: self._read_range(full, at, n), size, f"{self.name}/{path}", tail)
+                return io.BufferedReader(raw, buffer_size=1024)  # a member's local header in one request
+        return open(self.fetch(path), "rb")
+
+    def _read_range(self, full: str, start: int, length: int) -> bytes:
+        data = self._get_range(full, start, length)
+        if data is None:
+            raise HubAccessError(f"{self.repo.label}: the server stopped honouring range requests for {full!r}")
+        return data
+
+    def _get_range(self, full: str, start: int, length: int) -> bytes | None:
+        r = self.repo
+        return hub_range(r.repo_id, full, r.revision, r.endpoint or hub_endpoint(), r.token, start, length)
 
     def sub(self, folder: str) -> HubSource:
         return HubSource(self.repo.repo_id, self._full(folder.strip("/")), _repo=self.repo)
