@@ -149,3 +149,32 @@ def test_a_pass_the_hooks_never_saw_raises():
         assert clt.calls == []  # nothing half-recorded is reported
         out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
+@pytest.mark.slow
+def test_model_compile_generate_records_and_a_plain_forward_it_cannot_follow_raises(no_recompile):
+    """model.compile() compiles the whole call, the model's own hooks included: generate is followed (the
+    step callback accounts for it); a plain forward is not, and the next read says so instead of
+    returning fewer positions. The attachment works again afterwards."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        model.compile(backend="aot_eager", fullgraph=True, dynamic=False)
+        try:
+            out, feats = clt.generate(**kw)
+            no_recompile()
+            out2, feats2 = clt.generate(**kw)
+            torch._dynamo.config.error_on_recompile = False
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            with pytest.raises(AlignmentError, match="outside generate"):
+                clt.features  # noqa: B018
+            out3, feats3 = clt.generate(**kw)
+        finally:
+            model._compiled_call_impl = None
+    for o, f in ((out, feats), (out2, feats2), (out3, feats3)):
+        assert torch.equal(o, plain)
+        check_against_reference(f, model, "llama", tc, o, full_mask(o, mask))

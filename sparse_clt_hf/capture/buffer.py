@@ -84,10 +84,13 @@ class DecodeBuffer:
         """The first ``n`` buffered positions of every layer, and reset for the next window.
 
         Checks (on the device, no host read) that exactly ``n`` positions were written."""
-        out = {layer: buf[:, :n] for layer, buf in self.bufs.items()}
+        self.expect(n)
+        return {layer: buf[:, :n] for layer, buf in self.bufs.items()}
+
+    def expect(self, n: int) -> None:
+        """Raise the device-side flag unless exactly ``n`` positions were written (no host read)."""
         for key, p in self.pos.items():
             self.bad[key].logical_or_(p != n)
-        return out
 
     def reset_counters(self) -> None:
         """Forget what is buffered (a call that raised, or a flush that consumed it)."""
@@ -108,13 +111,16 @@ class DecodeBuffer:
         self.batch = self.window = 0
 
     def check(self, what: str) -> None:
-        """Raise if any flush saw a different number of written positions than accounted (one host read)."""
+        """Raise if any flush saw a different number of written positions than accounted (one host read).
+        ``what`` says where; a message with a colon is used as it is."""
         if any(bool(b) for b in self.bad.values()):
             self.clear_flags()
-            raise AlignmentError(
-                f"{what}: a forward pass ran that the attachment could not follow (the site hooks and the "
-                "step accounting disagree on the number of positions), so its features cannot be aligned"
-            )
+            if ":" not in what:
+                what += (
+                    ": a forward pass ran that the attachment could not follow (the site hooks and the "
+                    "step accounting disagree on the number of positions), so its features cannot be aligned"
+                )
+            raise AlignmentError(what)
 
     def written(self) -> int:
         """Positions the hooks wrote since the last flush (a host read; for checks outside the hot path)."""

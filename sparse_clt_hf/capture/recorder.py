@@ -134,7 +134,7 @@ class FeatureRecorder:
     def all_records(self) -> list[Record]:
         self._pass = None  # a pass that started but never finished (it raised) is forgotten
         self.flush()
-        self.buffer.check("reading features")
+        self._check_idle("reading features")
         return self.records + ([self.current] if self.current is not None and self.current.length else [])
 
     def reset(self) -> None:
@@ -149,6 +149,7 @@ class FeatureRecorder:
     def begin_call(self, info: CallInfo) -> None:
         self._pass = None
         self.flush()
+        self._check_idle("generate()")
         self._commit_current()
         self.in_call = True
         self._call = info
@@ -191,6 +192,22 @@ class FeatureRecorder:
                     f"(sequences.shape[1] - 1); a pass ran that the hooks did not see, so nothing is reported"
                 )
         self._commit_current()
+
+    def _check_idle(self, what: str) -> None:
+        """With nothing buffered, no compiled pass may have written either (one host read): a plain
+        forward through a fully compiled model (``model.compile()``) runs our hooks only inside the
+        compiled region, where nothing can account for it, so its positions are lost: say so."""
+        self.buffer.check(what)
+        if self.buffer.bufs and not self.buffer.slots:
+            self.buffer.expect(0)
+        try:
+            self.buffer.check(
+                f"{what}: a compiled forward pass ran outside generate() that the attachment could not "
+                "follow (with model.compile() the hooks run only inside the compiled region; compile "
+                "model.forward instead to record plain forward calls)"
+            )
+        finally:
+            self.buffer.reset_counters()
 
     def abort_call(self) -> None:
         self.in_call = False
