@@ -49,6 +49,11 @@ def past_length(kwargs: dict[str, Any]) -> int:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return 0
+    position = kwargs.get("cache_position")
+    if torch.is_tensor(position) and position.numel() and getattr(cache, "is_compileable", False):
+        # transformers 4.x: a static cache's get_seq_length counts the non-zero key slots of row 0, which
+        # left padding fools (a zero pad embedding gives zero keys); the cache position is exact (a host read)
+        return int(position.reshape(-1)[0])
     getter = getattr(cache, "get_seq_length", None)
     if getter is not None:
         return int(getter())
