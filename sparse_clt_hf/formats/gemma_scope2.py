@@ -132,15 +132,7 @@ def load(
     files = source.list_files()
     if _is_clt(files):
         return _load_clt(source, files, layers, decoders)
-    folders = _plt_folders(source)
-    if not folders:
-        raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 config.json + params.safetensors found")
-    by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
-    if -1 in by_layer:  # a single layer's folder: the layer is in its config
-        layer = _hook_layer(_values(source, CONFIG))
-        if layer is None:
-            raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
-        by_layer = {layer: ""}
+    by_layer = _plt_layers(source, variant)
     chosen = choose_layers(source, by_layer, layers, "Gemma Scope 2 transcoder")
     encoders, cfgs = {}, {}
     for i in chosen:
@@ -156,6 +148,20 @@ def load(
     cfg = _config(source, cfgs[chosen[0]], encoders, chosen)
     cfg.span = 1
     return Loaded(cfg, encoders)
+
+
+def _plt_layers(source: FileSource, variant: str | None) -> dict[int, str]:
+    """Layer -> folder of a per-layer release (one variant); a single layer's folder names its layer in config.json."""
+    folders = _plt_folders(source)
+    if not folders:
+        raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 config.json + params.safetensors found")
+    by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
+    if -1 in by_layer:  # a single layer's folder: the layer is in its config
+        layer = _hook_layer(_values(source, CONFIG))
+        if layer is None:
+            raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
+        by_layer = {layer: ""}
+    return by_layer
 
 
 def _clt_files(source: FileSource, files: list[str], layers: list[int] | None) -> tuple[dict[int, str], list[int]]:
@@ -184,15 +190,7 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
         v, first = _values(source, CONFIG), available[chosen[0]]
         kind = "clt"
     else:
-        folders = _plt_folders(source)
-        if not folders:
-            raise TranscoderFormatError(f"{source.name}: no Gemma Scope 2 files")
-        by_layer = folders[pick_variant(source, folders, variant, "Gemma Scope 2 variant")]
-        if -1 in by_layer:  # a single layer's folder: the layer is in its config
-            layer = _hook_layer(_values(source, CONFIG))
-            if layer is None:
-                raise TranscoderFormatError(f"{source.name}/config.json: no layer number in 'hf_hook_point_in'")
-            by_layer = {layer: ""}
+        by_layer = _plt_layers(source, variant)
         chosen = choose_layers(source, by_layer, layers, "Gemma Scope 2 transcoder")
         folder = by_layer[chosen[0]]
         v, first = _values(source, join(folder, CONFIG)), join(folder, PLT_PARAMS)
