@@ -282,3 +282,14 @@ def write_vlm_clt(
         torch.save(ckpt, Path(root) / f"transcoder_L{layer}.pt")
         out[layer] = t
     return out
+
+
+def one_layer_writers(d: int, m: int) -> dict:
+    """format name -> writer of a one-layer (layer 0) transcoder in that format's published layout, d x m."""
+    return {
+        "gemma_scope": lambda p: write_gemma_scope(p, [0], d, m),
+        "gemma_scope2": lambda p: write_gemma_scope2_plt(p, [0], d, m),
+        "sparsify": lambda p: write_sparsify(p, ["layers.0"], d, m),
+        "saelens": lambda p: write_saelens(p, 0, d, m),
+        "vlm_clt": lambda p: write_vlm_clt(p, [0], d, m),
+    }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from format_fixtures import (
+    one_layer_writers,
     write_clt_training,
     write_gemma_scope,
     write_gemma_scope2_clt,
@@ -428,13 +429,7 @@ def test_vlm_clt_pickle_that_needs_code_is_refused(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- override and bad files
-WRITERS = {
-    "gemma_scope": lambda p: write_gemma_scope(p, [0], D, M),
-    "gemma_scope2": lambda p: write_gemma_scope2_plt(p, [0], D, M),
-    "sparsify": lambda p: write_sparsify(p, ["layers.0"], D, M),
-    "saelens": lambda p: write_saelens(p, 0, D, M),
-    "vlm_clt": lambda p: write_vlm_clt(p, [0], D, M),
-}
+WRITERS = one_layer_writers(D, M)
 
 
 @pytest.mark.parametrize("fmt", sorted(WRITERS))

@@ -21,7 +21,7 @@ import torch
 import yaml
 from conftest import random_transcoder
 from format_fixtures import (
-    write_gemma_scope,
+    one_layer_writers,
     write_gemma_scope2_clt,
     write_gemma_scope2_plt,
     write_saelens,
@@ -241,14 +241,7 @@ def test_registry_entries_give_an_entry_or_a_library_error(entry):
 
 
 # ---------------------------------------------------------------------- truncated and random files
-WRITERS = {
-    "circuit_tracer": _native_clt,
-    "gemma_scope": lambda p: write_gemma_scope(p, [0], D, M),
-    "gemma_scope2": lambda p: write_gemma_scope2_plt(p, [0], D, M),
-    "sparsify": lambda p: write_sparsify(p, ["layers.0"], D, M),
-    "saelens": lambda p: write_saelens(p, 0, D, M),
-    "vlm_clt": lambda p: write_vlm_clt(p, [0], D, M),
-}
+WRITERS = {"circuit_tracer": _native_clt, **one_layer_writers(D, M)}
 
 
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
