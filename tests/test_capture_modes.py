@@ -14,10 +14,14 @@ from transformers import CompileConfig
 
 from sparse_clt_hf import AlignmentError, attach_clt
 
+#: (backend, mode): dynamo + autograd tracing only, and the real lowering (inductor, in the mode transformers
+#: uses on CUDA; on a CPU inductor emits C++ and skips the CUDA graphs of "reduce-overhead")
+BACKENDS = [("aot_eager", None), ("inductor", "reduce-overhead")]
 
-def _compile_config() -> CompileConfig:
+
+def _compile_config(backend: str = "aot_eager", mode: str | None = None) -> CompileConfig:
     """transformers' automatic compile of the decode step, also on CPU (it targets CUDA by default)."""
-    cfg = CompileConfig(backend="aot_eager", fullgraph=True, dynamic=False, mode=None)
+    cfg = CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=mode)
     cfg._compile_all_devices = True
     return cfg
 
@@ -73,7 +77,8 @@ def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
 
 
 @pytest.mark.slow
-def test_transformers_compiled_decode_step_compiles_once(no_recompile):
+@pytest.mark.parametrize("backend,mode", BACKENDS)
+def test_transformers_compiled_decode_step_compiles_once(backend, mode, no_recompile):
     """generate(cache_implementation="static") compiles the decode step (on CUDA by default; here on CPU)."""
     model = tiny_model("llama")
     ids, mask = prompts()
@@ -83,7 +88,7 @@ def test_transformers_compiled_decode_step_compiles_once(no_recompile):
         max_new_tokens=7,
         do_sample=False,
         cache_implementation="static",
-        compile_config=_compile_config(),
+        compile_config=_compile_config(backend, mode),
     )
     plain = model.generate(**kw)
     tc = random_transcoder()

@@ -114,3 +114,36 @@ def test_static_cache_window_one_and_a_second_attachment() -> None:
         torch._dynamo.reset()
     _check(fa, model, tc, out, mask)
     _check(fb, model, tc, out, mask)
+
+
+def test_decode_steps_make_no_host_sync_in_the_plugin() -> None:
+    """CUDA's sync debug mode warns at every synchronising op, from the Python line that called it: the
+    plugin's lines may sync a fixed number of times per call (its start and end checks), never per step."""
+    import warnings
+
+    import torch._dynamo
+
+    if DEVICE != "cuda":
+        pytest.skip("CUDA's sync debug mode needs CUDA")
+    model, tc, ids, mask = _setup("jumprelu")
+    counts: dict[tuple[str, int], int] = {}
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        for mode, extra in (("eager", {}), ("static", _static_kwargs())):
+            for new in (4, 12):
+                kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                clt.generate(**kw, **extra)  # warm (compiles the static decode step once)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        clt.generate(**kw, **extra)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                ours = [w for w in caught if "sparse_clt_hf" in w.filename and "synchroniz" in str(w.message)]
+                counts[(mode, new)] = len(ours)
+                print(f"{mode} {new} new tokens: {len(ours)} host syncs from the plugin",
+                      sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in ours}))
+    torch._dynamo.reset()
+    for mode in ("eager", "static"):
+        assert counts[(mode, 12)] == counts[(mode, 4)], f"{mode}: host syncs grow with the decode steps: {counts}"
+        assert counts[(mode, 4)] <= 4, f"{mode}: {counts}"

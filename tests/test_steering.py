@@ -408,10 +408,10 @@ def test_generate_cli_steer_json(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- compiled decoding (slow)
-def _compile_config():
+def _compile_config(backend: str = "aot_eager", mode: str | None = None):
     from test_capture_modes import _compile_config as cfg
 
-    return cfg()
+    return cfg(backend, mode)
 
 
 @pytest.fixture
@@ -424,7 +424,7 @@ def no_recompile():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["forward", "compile_config"])
+@pytest.mark.parametrize("how", ["forward", "compile_config", "compile_config_inductor"])
 def test_compiled_decoding_steers_every_step_and_new_values_do_not_recompile(how, no_recompile):
     model = tiny_model("llama")
     tc = random_transcoder(decoders=True)
@@ -436,6 +436,8 @@ def test_compiled_decoding_steers_every_step_and_new_values_do_not_recompile(how
     plain = model.generate(**kw)
     if how == "compile_config":
         kw["compile_config"] = _compile_config()
+    elif how == "compile_config_inductor":  # the real lowering, in the mode transformers uses on CUDA
+        kw["compile_config"] = _compile_config("inductor", "reduce-overhead")
     with attach_clt(model, tc, top_k=TOP_K, window=3) as clt:
         h = clt.steer(1, f, 9.0, positions="generated")
         if how == "forward":

@@ -92,6 +92,14 @@ class DecodeBuffer:
         for key, p in self.pos.items():
             self.bad[key].logical_or_(p != n)
 
+    def expect_value(self, value: torch.Tensor, expected: int) -> None:
+        """Raise the device-side flag unless the device scalar ``value`` equals ``expected`` (no host read):
+        a static cache's length against the positions Python accounted for."""
+        flag = self.bad.get(str(value.device))
+        if flag is None:  # the cache lives on a device that holds no transcoder layer
+            flag = next(iter(self.bad.values()))
+        flag.logical_or_((value != expected).to(flag.device, non_blocking=True))
+
     def reset_counters(self) -> None:
         """Forget what is buffered (a call that raised, or a flush that consumed it)."""
         for p in self.pos.values():
@@ -110,17 +118,29 @@ class DecodeBuffer:
         self._ar = {}
         self.batch = self.window = 0
 
-    def check(self, what: str) -> None:
-        """Raise if any flush saw a different number of written positions than accounted (one host read).
-        ``what`` says where; a message with a colon is used as it is."""
-        if any(bool(b) for b in self.bad.values()):
-            self.clear_flags()
+    def check(self, what: str, idle: str | None = None) -> None:
+        """Raise if any flush saw a different number of written positions than accounted for; with
+        ``idle`` (its message), also if positions were written while Python accounted for none (a
+        compiled pass nothing could follow). One host read either way. ``what`` says where; a message
+        with a colon is used as it is."""
+        flags = list(self.bad.values())
+        home = flags[0].device
+        code = torch.stack([f.reshape(()).to(home) for f in flags]).any().long()
+        if idle is not None and self.bufs and not self.slots:
+            moved = torch.stack([(p != 0).reshape(()).to(home) for p in self.pos.values()]).any()
+            code = code + 2 * moved.long()
+        found = int(code)  # the one host read
+        if not found:
+            return
+        self.clear_flags()
+        if found & 1:
             if ":" not in what:
                 what += (
                     ": a forward pass ran that the attachment could not follow (the site hooks and the "
                     "step accounting disagree on the number of positions), so its features cannot be aligned"
                 )
             raise AlignmentError(what)
+        raise AlignmentError(f"{what}: {idle}")
 
     def written(self) -> int:
         """Positions the hooks wrote since the last flush (a host read; for checks outside the hot path)."""

@@ -3,9 +3,13 @@
 Everything here reads what the decoder stack receives (input ids or embeddings, the cache, the
 attention mask) and decides, in Python, where the pass's positions go: the next positions of the
 current record (prefill, decode step, chunked prefill), only the new tail of a recomputed prefix
-(``use_cache=False``), a rollback (assisted decoding rejected draft tokens), or a new record. The
-cache length comes from ``get_seq_length()``, which on transformers 5.x is a Python int for every
-cache type (no device read).
+(``use_cache=False``), a rollback (assisted decoding rejected draft tokens), or a new record.
+
+The cache length comes from ``get_seq_length()``: a Python int for a dynamic cache, but a device
+tensor for a static one (transformers 5.x keeps ``cumulative_length`` on the device; 4.57 passes a
+``cache_position`` tensor instead). :func:`past_length` hands such a length over unread: reading it
+would be a host sync per pass, so the recorder reads it only outside generate and otherwise checks it
+on the device against what it accounted for (:meth:`~.buffer.DecodeBuffer.expect_value`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import torch
 
 @dataclass(frozen=True)
 class PassShape:
-    """What the stack saw: batch, input positions, cached positions before them, token ids if any."""
+    """What the stack saw: batch, input positions, cached positions before them (an int, or a 0-d device
+    tensor where the cache keeps its length on the device), token ids if any."""
 
     batch: int
     length: int
-    past: int
+    past: int | torch.Tensor
     ids: torch.Tensor | None
     device: torch.device
 
@@ -44,19 +49,21 @@ def input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ids
 
 
-def past_length(kwargs: dict[str, Any]) -> int:
-    """Positions already in the cache the stack was given (0 without one)."""
+def past_length(kwargs: dict[str, Any]) -> int | torch.Tensor:
+    """Positions already in the cache the stack was given (0 without one): an int, or a 0-d tensor on
+    the cache's device where the cache keeps its length there (not read here: no host sync)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return 0
     position = kwargs.get("cache_position")
     if torch.is_tensor(position) and position.numel() and getattr(cache, "is_compileable", False):
         # transformers 4.x: a static cache's get_seq_length counts the non-zero key slots of row 0, which
-        # left padding fools (a zero pad embedding gives zero keys); the cache position is exact (a host read)
-        return int(position.reshape(-1)[0])
+        # left padding fools (a zero pad embedding gives zero keys); the cache position is exact
+        return position.reshape(-1)[0]
     getter = getattr(cache, "get_seq_length", None)
     if getter is not None:
-        return int(getter())
+        n = getter()
+        return n.reshape(()) if torch.is_tensor(n) else int(n)
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
         return int(cache[0][0].shape[-2])
     return 0
@@ -75,7 +82,9 @@ def pass_shape(args: tuple, kwargs: dict[str, Any], caller_ids: torch.Tensor | N
 
 
 def place(shape: PassShape, batch: int | None, recorded: int, in_call: bool) -> Placement:
-    """Where a pass of ``shape`` goes, given the current record's batch and recorded positions."""
+    """Where a pass of ``shape`` goes, given the current record's batch and recorded positions
+    (``shape.past`` must be an int by now)."""
+    assert isinstance(shape.past, int)
     same = batch == shape.batch
     if same and shape.past > 0:
         return Placement(shape.past, 0, False)

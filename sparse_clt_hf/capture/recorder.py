@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -131,11 +131,18 @@ class FeatureRecorder:
         return handles
 
     # ------------------------------------------------------------------ reading
-    def all_records(self) -> list[Record]:
+    def all_records(self, *, check: bool = True) -> list[Record]:
+        """Every record so far, flushed. ``check=False`` skips the device check (one host read): only for
+        a read right after a generate call whose end already checked; the flags stay set for the next."""
         self._pass = None  # a pass that started but never finished (it raised) is forgotten
         self.flush()
-        self._check_idle("reading features")
+        if check:
+            self._check_idle("reading features")
         return self.records + ([self.current] if self.current is not None and self.current.length else [])
+
+    def record_count(self) -> int:
+        """How many records :meth:`all_records` would return now (no flush, no device read)."""
+        return len(self.records) + (1 if self._recorded(self.current) else 0)
 
     def reset(self) -> None:
         """Forget every record and free the decode buffer (made again by the next pass)."""
@@ -194,20 +201,20 @@ class FeatureRecorder:
         self._commit_current()
 
     def _check_idle(self, what: str) -> None:
-        """With nothing buffered, no compiled pass may have written either (one host read): a plain
-        forward through a fully compiled model (``model.compile()``) runs our hooks only inside the
-        compiled region, where nothing can account for it, so its positions are lost: say so."""
-        self.buffer.check(what)
-        if self.buffer.bufs and not self.buffer.slots:
-            self.buffer.expect(0)
+        """Nothing went wrong unseen (one host read): no flush disagreed, and with nothing buffered no
+        compiled pass wrote either. A plain forward through a fully compiled model (``model.compile()``)
+        runs our hooks only inside the compiled region, where nothing can account for it, so its
+        positions are lost: say so."""
         try:
             self.buffer.check(
-                f"{what}: a compiled forward pass ran outside generate() that the attachment could not "
-                "follow (with model.compile() the hooks run only inside the compiled region; compile "
-                "model.forward instead to record plain forward calls)"
+                what,
+                idle="a compiled forward pass ran outside generate() that the attachment could not follow "
+                "(with model.compile() the hooks run only inside the compiled region; compile "
+                "model.forward instead to record plain forward calls)",
             )
         finally:
-            self.buffer.reset_counters()
+            if not self.buffer.slots:
+                self.buffer.reset_counters()
 
     def abort_call(self) -> None:
         self.in_call = False
@@ -256,6 +263,8 @@ class FeatureRecorder:
             return  # not a pass we can align (e.g. a vision-only call); site hooks ignore it
         rec = self.current
         recorded = self._recorded(rec)
+        if torch.is_tensor(shape.past):
+            shape = replace(shape, past=self._device_past(shape.past, shape.batch, recorded))
         where = place(shape, rec.batch if rec is not None else None, recorded, self.in_call)
         if where.new_record or rec is None:
             rec = self._new_record(shape.batch)
@@ -325,6 +334,18 @@ class FeatureRecorder:
             rec.advance(p.new, p.mask, p.tokens)
         if self.on_step is not None:  # on_step implies window=1: this pass is encoded by now
             self.on_step(self._last(rec))
+
+    def _device_past(self, past: torch.Tensor, batch: int, recorded: int) -> int:
+        """A cache length held on the device (static caches). Inside generate it must be what this record
+        accounted for (every pass of the call is seen, in order): assume that and check it on the device,
+        read with the call's end check, instead of a host sync per pass. Outside generate (a manual
+        loop may feed any cache) it is read."""
+        if not self.in_call:
+            return int(past)
+        rec = self.current
+        assumed = recorded if rec is not None and rec.batch == batch else 0
+        self.buffer.expect_value(past, assumed)
+        return assumed
 
     def _mask(
         self, batch: int, start: int, new: int, given: tuple[dict[str, Any], int] | None, device: torch.device

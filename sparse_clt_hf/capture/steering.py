@@ -241,9 +241,12 @@ class Steering:
         if torch.compiler.is_compiling():
             return
         self._pass_id += 1
-        past = past_length(kwargs)
+        past = past_length(kwargs)  # a device tensor for static caches: copied, never read on the host
         for p in self._pos.values():
-            p.fill_(past)
+            if torch.is_tensor(past):
+                p.copy_(past.reshape(1))
+            else:
+                p.fill_(past)
         ref = _stack_input(args, kwargs)
         if ref is not None:
             self._batch = ref.shape[0]
