@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of issue 10, sized for a 15-minute lease (about 10 minutes of wall time):
 #   1. the exactness tests on CUDA (tests/test_gpu.py: eager generate, static-cache generate compiled by
-#      transformers with CUDA graphs, a second static generate with dynamo's error_on_recompile), run by
+#      transformers with CUDA graphs, a second static generate with dynamo's error_on_recompile, the plugin's
+#      host syncs per call under torch.cuda.set_sync_debug_mode), run by
 #      pytest if it is installed, else by scripts/gpu_tests.py's direct runner (the GPU machine has no pytest);
 #   2. the bench, `--gemma2-2b --device cuda` (random Gemma-2-2B bf16, random JumpReLU CLT 16,384 x 26 at
 #      resid_mid, top-32, prompt 128, 64 new greedy tokens): W1 eager columns (plain, attached, hidden
