@@ -45,6 +45,11 @@ def summarise(out: Path) -> str:
             lines += [f"- {r['outcome']}: {r['test']} ({r['seconds']} s)" for r in tests["results"]]
         else:
             lines += ["", f"Exactness tests (pytest): exit status {tests.get('exit_status')}"]
+    log = out / "tests.log"
+    if log.exists():  # what the tests measured (host syncs, kernel launches per step), printed as "MEASURED ..."
+        measured = sorted({line.strip() for line in log.read_text(errors="replace").splitlines()
+                           if line.strip().startswith("MEASURED")})
+        lines += [f"- {line}" for line in measured]
     eager = _load(out / "bench_eager.json")
     static = sorted((r for p in out.glob("bench_static_b*.json") for r in (_load(p) or {}).get("w1", [])),
                     key=lambda r: r["batch"])

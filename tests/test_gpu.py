@@ -141,9 +141,44 @@ def test_decode_steps_make_no_host_sync_in_the_plugin() -> None:
                         torch.cuda.set_sync_debug_mode(0)
                 ours = [w for w in caught if "sparse_clt_hf" in w.filename and "synchroniz" in str(w.message)]
                 counts[(mode, new)] = len(ours)
-                print(f"{mode} {new} new tokens: {len(ours)} host syncs from the plugin",
+                print(f"MEASURED host syncs from the plugin, {mode} generate of {new} tokens: {len(ours)}",
                       sorted({f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in ours}))
     torch._dynamo.reset()
     for mode in ("eager", "static"):
         assert counts[(mode, 12)] == counts[(mode, 4)], f"{mode}: host syncs grow with the decode steps: {counts}"
         assert counts[(mode, 4)] <= 4, f"{mode}: {counts}"
+
+
+def test_an_eager_decode_step_adds_about_one_kernel_launch_per_layer() -> None:
+    """Eager decoding of a real model is launch-bound: count CUDA kernel launches (torch.profiler) of 16 vs 8
+    decode steps, attached and plain; the attachment's share per step must stay one copy per layer plus a
+    counter add (a few more allowed), whatever the model (its per-layer work does not depend on the model)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE != "cuda":
+        pytest.skip("counts CUDA kernel launches")
+    model, tc, ids, mask = _setup("jumprelu")
+    layers = model.config.num_hidden_layers
+
+    def launches(run, new: int) -> tuple[int, int]:
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        run(**kw)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(**kw)
+            torch.cuda.synchronize()
+        names = Counter(e.name for e in prof.events())
+        kernels = sum(v for k, v in names.items() if "LaunchKernel" in k)
+        syncs = sum(v for k, v in names.items() if "Synchronize" in k)
+        return kernels, syncs
+
+    plain = {n: launches(model.generate, n) for n in (8, 16)}
+    with attach_clt(model, tc, top_k=TOP_K, window=32) as clt:  # one window per call
+        attached = {n: launches(clt.generate, n) for n in (8, 16)}
+    per_step = ((attached[16][0] - attached[8][0]) - (plain[16][0] - plain[8][0])) / 8
+    plain_step = (plain[16][0] - plain[8][0]) / 8
+    print(f"MEASURED kernel launches per eager decode step (tiny Llama, {layers} layers): plain {plain_step:.1f}, "
+          f"added by the attachment {per_step:.1f}; syncs per call plain {plain[8][1]} attached {attached[8][1]}")
+    assert per_step <= layers + 3, f"{per_step} launches per step added for {layers} layers"
