@@ -50,6 +50,24 @@ def test_static_cache_records_every_decode_step(arch):
     check_against_reference(feats, model, arch, tc, out, full_mask(out, mask))
 
 
+def test_static_cache_with_sliding_layers_past_their_window():
+    """Gemma-2 alternates sliding and full layers; with a prompt longer than the sliding window the static
+    cache's layers hold different lengths, and the length the recorder assumes (device-held, never read
+    inside generate) must still be the number of positions fed."""
+    model = tiny_model("gemma2")
+    model.config.sliding_window = 4
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        out, feats = clt.generate(**kw)
+    assert torch.equal(out, plain)
+    check_against_reference(feats, model, "gemma2", tc, out, full_mask(out, mask))
+
+
 @pytest.mark.slow
 def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
     model = tiny_model("llama")
