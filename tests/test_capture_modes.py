@@ -68,6 +68,40 @@ def test_static_cache_with_sliding_layers_past_their_window():
     check_against_reference(feats, model, "gemma2", tc, out, full_mask(out, mask))
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_generate_continuing_a_cache_that_holds_a_prefix(kind):
+    """Prefix caching (a cache filled by an earlier forward handed to generate): the positions already in the
+    cache were never seen by this call, so they are padding (mask False); the rest is exact against a plain
+    forward over the whole sequence. A static cache keeps its length on the device: read once, at the call's
+    first pass."""
+    import copy
+
+    from test_attach import assert_features_match, reference
+    from transformers import DynamicCache, StaticCache
+
+    model = tiny_model("llama")
+    tc = random_transcoder()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=g)
+    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+    kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False)
+    plain = model.generate(**kw, past_key_values=copy.deepcopy(cache))
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        out, feats = clt.generate(**kw, past_key_values=copy.deepcopy(cache))
+    assert torch.equal(out, plain)
+    t = feats.num_positions
+    assert t == out.shape[1] - 1
+    real = feats.mask
+    assert not real[:, :5].any() and real[:, 5:].all()
+    ref = reference(model, "llama", tc, out[:, :t], torch.ones_like(out[:, :t]), feats.layers)
+    for i, layer in enumerate(feats.layers):
+        assert_features_match(
+            feats.values[:, :, i][real], feats.indices[:, :, i][real], feats.l0[:, :, i][real], ref[layer][real], TOP_K
+        )
+
+
 @pytest.mark.slow
 def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
     model = tiny_model("llama")

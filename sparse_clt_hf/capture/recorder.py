@@ -336,16 +336,16 @@ class FeatureRecorder:
             self.on_step(self._last(rec))
 
     def _device_past(self, past: torch.Tensor, batch: int, recorded: int) -> int:
-        """A cache length held on the device (static caches). Inside generate it must be what this record
-        accounted for (every pass of the call is seen, in order): assume that and check it on the device,
-        read with the call's end check, instead of a host sync per pass. Outside generate (a manual
-        loop may feed any cache) it is read."""
-        if not self.in_call:
-            return int(past)
+        """A cache length held on the device (static caches). After the first pass of a generate call it
+        must be what this record accounted for (every pass of the call is seen, in order): assume that and
+        check it on the device, read with the call's end check, instead of a host sync per decode step.
+        The first pass of a record reads it (a cache handed to generate may hold a prefix), and so does
+        every pass outside generate (a manual loop may feed any cache)."""
         rec = self.current
-        assumed = recorded if rec is not None and rec.batch == batch else 0
-        self.buffer.expect_value(past, assumed)
-        return assumed
+        if not self.in_call or rec is None or rec.batch != batch or recorded == 0:
+            return int(past)
+        self.buffer.expect_value(past, recorded)
+        return recorded
 
     def _mask(
         self, batch: int, start: int, new: int, given: tuple[dict[str, Any], int] | None, device: torch.device
