@@ -68,7 +68,7 @@ def test_static_cache_with_sliding_layers_past_their_window():
     check_against_reference(feats, model, "gemma2", tc, out, full_mask(out, mask))
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["dynamic", "static", pytest.param("static_compiled_forward", marks=pytest.mark.slow)])
 def test_generate_continuing_a_cache_that_holds_a_prefix(kind):
     """Prefix caching (a cache filled by an earlier forward handed to generate): the positions already in the
     cache were never seen by this call, so they are padding (mask False); the rest is exact against a plain
@@ -89,7 +89,13 @@ def test_generate_continuing_a_cache_that_holds_a_prefix(kind):
     kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False)
     plain = model.generate(**kw, past_key_values=copy.deepcopy(cache))
     with attach_clt(model, tc, top_k=TOP_K) as clt:
-        out, feats = clt.generate(**kw, past_key_values=copy.deepcopy(cache))
+        if kind == "static_compiled_forward":
+            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+        try:
+            out, feats = clt.generate(**kw, past_key_values=copy.deepcopy(cache))
+        finally:
+            model.__dict__.pop("forward", None)
+            torch._dynamo.reset()
     assert torch.equal(out, plain)
     t = feats.num_positions
     assert t == out.shape[1] - 1
@@ -126,6 +132,42 @@ def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
         assert torch.equal(out, plain)
         check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
     check_against_reference(f3, model, "llama", tc, ids, mask)
+
+
+@pytest.mark.slow
+def test_compiled_forward_places_plain_calls_like_eager_ones():
+    """Through a compiled model.forward the stack's hooks run inside the compiled region, so the model's own
+    hooks place each pass: two independent forwards are two records (not one of twice the length), a manual
+    cache loop continues its record, and use_cache=False in generate (a recomputed prefix the compiled
+    region cannot drop) is refused instead of recorded twice."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    other = torch.randint(0, model.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(5))
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=other, attention_mask=mask)
+                first = clt.calls
+                clt.reset()
+                out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                      past_key_values=out.past_key_values, use_cache=True)
+                loop = clt.calls
+            with pytest.raises(AlignmentError, match="use_cache=False with a compiled model.forward"):
+                clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False)
+        finally:
+            del model.forward
+            torch._dynamo.reset()
+    assert [c.num_positions for c in first] == [ids.shape[1], ids.shape[1]]
+    check_against_reference(first[0], model, "llama", tc, ids, mask)
+    check_against_reference(first[1], model, "llama", tc, other, mask)
+    assert len(loop) == 1 and loop[0].num_positions == ids.shape[1] + 1
+    seq = torch.cat([ids, nxt], 1)
+    check_against_reference(loop[0], model, "llama", tc, seq, full_mask(seq, mask))
 
 
 @pytest.mark.slow

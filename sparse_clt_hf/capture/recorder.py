@@ -31,7 +31,15 @@ from ..features import Features
 from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import DecodeBuffer
-from .positions import PassShape, generated_mask, input_ids, new_positions_mask, pass_shape, place
+from .positions import (
+    PassShape,
+    Placement,
+    generated_mask,
+    input_ids,
+    new_positions_mask,
+    pass_shape,
+    place,
+)
 from .record import Record
 from .sitehooks import hook_sites
 from .stats import CaptureStats
@@ -229,11 +237,22 @@ class FeatureRecorder:
         if torch.compiler.is_compiling():
             return
         ids = input_ids(args, kwargs)
-        self._caller = {"ids": ids, "kwargs": kwargs, "eager": self._eager_stack_passes}
+        self._caller = {"ids": ids, "kwargs": kwargs, "eager": self._eager_stack_passes, "graph": None}
         if _forward_is_compiled(module):
-            ref = ids if ids is not None else kwargs.get("inputs_embeds")
-            if ref is not None:
-                self._prepare_graph_pass(ref.shape[0], ref.shape[1])
+            # the stack's hooks will run inside the compiled region: place the pass here, as the eager
+            # stack hook would (a fresh cache starts a new record, a cache holding a prefix pads, ...)
+            shape = pass_shape(args, kwargs, None)
+            if shape is None:
+                return
+            _, where = self._place(shape)
+            if where.skip:
+                raise AlignmentError(
+                    "use_cache=False with a compiled model.forward cannot be recorded: every pass recomputes "
+                    "the prefix inside the compiled region, where the positions already recorded cannot be "
+                    "dropped; generate with the cache, or without compiling forward"
+                )
+            self._prepare_graph_pass(shape.batch, shape.length)
+            self._caller["graph"] = (shape.batch, where.start, shape.length, shape.device)
 
     def _on_model_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -241,15 +260,10 @@ class FeatureRecorder:
         caller, self._caller = self._caller, None
         if caller is None or caller["eager"] != self._eager_stack_passes:
             return  # the stack ran eagerly: its hooks accounted for the pass
-        if not _forward_is_compiled(module):
+        if caller["graph"] is None or not _forward_is_compiled(module):
             return  # no stack pass at all (e.g. a vision-only call)
-        ids = caller["ids"]
-        ref = ids if ids is not None else caller["kwargs"].get("inputs_embeds")
-        if ref is None:
-            return
-        batch, n = ref.shape[0], ref.shape[1]
-        start = self._recorded(self.current) if self.current is not None and self.current.batch == batch else 0
-        self._account_graph(batch, n, self._mask(batch, start, n, (caller["kwargs"], n), ref.device), ids)
+        batch, start, n, device = caller["graph"]
+        self._account_graph(batch, n, self._mask(batch, start, n, (caller["kwargs"], n), device), caller["ids"])
 
     # ------------------------------------------------------------------ stack hooks
     def _on_stack_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -261,20 +275,7 @@ class FeatureRecorder:
         shape = pass_shape(args, kwargs, caller_ids)
         if shape is None:
             return  # not a pass we can align (e.g. a vision-only call); site hooks ignore it
-        rec = self.current
-        recorded = self._recorded(rec)
-        if torch.is_tensor(shape.past):
-            shape = replace(shape, past=self._device_past(shape.past, shape.batch, recorded))
-        where = place(shape, rec.batch if rec is not None else None, recorded, self.in_call)
-        if where.new_record or rec is None:
-            rec = self._new_record(shape.batch)
-            recorded = 0
-        if where.skip == 0 and where.start < recorded:
-            self.flush()
-            rec.truncate(where.start)  # rejected draft tokens of assisted decoding
-        elif where.skip == 0 and where.start > recorded:
-            self.flush()
-            rec.pad(where.start - recorded)
+        rec, where = self._place(shape)
         new = shape.length - where.skip
         mask = self._mask(shape.batch, where.start + where.skip, new, (kwargs, shape.length), shape.device)
         tokens = shape.ids[:, where.skip :] if shape.ids is not None else None
@@ -334,6 +335,26 @@ class FeatureRecorder:
             rec.advance(p.new, p.mask, p.tokens)
         if self.on_step is not None:  # on_step implies window=1: this pass is encoded by now
             self.on_step(self._last(rec))
+
+    def _place(self, shape: PassShape) -> tuple[Record, Placement]:
+        """Where a pass of ``shape`` goes (:func:`.positions.place`), with the record made ready for it: a
+        new record, the current one cut back (rejected draft tokens of assisted decoding) or padded (positions
+        already in a cache this attachment did not see)."""
+        rec = self.current
+        recorded = self._recorded(rec)
+        if torch.is_tensor(shape.past):
+            shape = replace(shape, past=self._device_past(shape.past, shape.batch, recorded))
+        where = place(shape, rec.batch if rec is not None else None, recorded, self.in_call)
+        if where.new_record or rec is None:
+            rec = self._new_record(shape.batch)
+            recorded = 0
+        if where.skip == 0 and where.start < recorded:
+            self.flush()
+            rec.truncate(where.start)
+        elif where.skip == 0 and where.start > recorded:
+            self.flush()
+            rec.pad(where.start - recorded)
+        return rec, where
 
     def _device_past(self, past: torch.Tensor, batch: int, recorded: int) -> int:
         """A cache length held on the device (static caches). After the first pass of a generate call it
