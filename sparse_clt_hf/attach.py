@@ -105,6 +105,7 @@ class CLTAttachment:
         self._source = source if source is not None else {"source": transcoder}
         output_site = self.transcoder.config.output_site
         self._steering = Steering(
+            model,
             stack,
             self.transcoder,
             points,

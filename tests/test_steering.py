@@ -480,3 +480,33 @@ def test_recomputed_prefix_chunked_prefill_and_bf16():
     hit = feats.indices[:, :, 1] == 3
     assert hit.any(-1)[feats.mask].all() and torch.all(feats.values[:, :, 1][hit] == 2.5)
     assert feats.values.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_plain_forwards_through_a_compiled_forward_steer_the_same_positions_as_eager():
+    """Through a compiled model.forward the stack's hooks run inside the compiled region; each plain call must
+    still start at position 0 (or the cache's length), so a position-restricted steer hits the same
+    positions as in eager mode, call after call, and as the independent plain-hook reference."""
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True)
+    ids, mask = prompts(pad_first=0)
+    steers = [(1, 5, 20.0, "clamp", (1, 3))]
+    ref = Reference(model, "llama", tc, steers)
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        ref.remove()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        clt.steer(1, 5, 20.0, mode="clamp", positions=slice(1, 3))
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=mask).logits
+            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+            try:
+                compiled = [model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
+            finally:
+                del model.forward
+                torch._dynamo.reset()
+    torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
+    for logits in compiled:
+        torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)

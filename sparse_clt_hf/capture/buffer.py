@@ -19,9 +19,19 @@ read once when the call ends: no host read per pass.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import AlignmentError
+
+#: Decode window per device type: (rows per batched encode, byte cap of the buffer, all layers together).
+#: CPU (2 cores): an encode of 256 rows costs 1.12x per row what one of 1024 rows costs, 512 rows 1.0x
+#: (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor. CUDA: a flush is a burst of launches
+#: (a few per layer) in a launch-bound decode loop, so fewer, larger windows; memory is plentiful.
+WINDOW_TUNING: dict[str, tuple[int, int]] = {"cpu": (512, 64 << 20), "cuda": (8192, 512 << 20)}
+DEFAULT_WINDOW_TUNING = (512, 64 << 20)
+MAX_WINDOW = 256  # decode steps per window at most (batch 1 on CPU: one batched encode per 256 steps)
 
 
 class DecodeBuffer:
@@ -42,6 +52,15 @@ class DecodeBuffer:
         self._ar: dict[str, torch.Tensor] = {}
         for t in (*self.pos.values(), *self.bad.values()):
             _mark_static(t)
+
+    def default_window(self, batch: int) -> int:
+        """Decode steps per window for ``batch`` rows on this buffer's device (:data:`WINDOW_TUNING`)."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        device = next(iter(self.devices.values()))
+        rows, cap = WINDOW_TUNING.get(device.type, DEFAULT_WINDOW_TUNING)
+        by_rows = math.ceil(rows / batch)
+        by_bytes = cap // max(1, batch * self.d * itemsize * len(self.layers))
+        return max(1, min(MAX_WINDOW, by_rows, by_bytes))
 
     def ensure(self, batch: int, window: int) -> None:
         """Buffers for ``batch`` rows and at least ``window`` positions; the same tensors if they fit

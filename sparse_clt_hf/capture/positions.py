@@ -42,6 +42,14 @@ class Placement:
     new_record: bool
 
 
+def forward_is_compiled(model: Any) -> bool:
+    """Whether ``model.forward`` was replaced by a ``torch.compile`` wrapper: the decoder stack's hooks then
+    run inside the compiled region (no Python per pass) and the model's own hooks outside it, so the
+    model's hooks must place each pass."""
+    fwd = model.__dict__.get("forward")
+    return fwd is not None and getattr(fwd, "_torchdynamo_orig_callable", None) is not None
+
+
 def input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     ids = kwargs.get("input_ids")
     if ids is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point():

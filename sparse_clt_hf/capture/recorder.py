@@ -16,7 +16,6 @@ the Python side between steps.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from .buffer import DecodeBuffer
 from .positions import (
     PassShape,
     Placement,
+    forward_is_compiled,
     generated_mask,
     input_ids,
     new_positions_mask,
@@ -47,13 +47,6 @@ from .tap import CallInfo
 
 StepCallback = Callable[[Features], None]
 
-#: Decode window per device type: (rows per batched encode, byte cap of the buffer, all layers together).
-#: CPU (2 cores): an encode of 256 rows costs 1.12x per row what one of 1024 rows costs, 512 rows 1.0x
-#: (d 576, m 4096-8192), so 512 keeps windowed decoding at the floor. CUDA: a flush is a burst of launches
-#: (a few per layer) in a launch-bound decode loop, so fewer, larger windows; memory is plentiful.
-WINDOW_TUNING: dict[str, tuple[int, int]] = {"cpu": (512, 64 << 20), "cuda": (8192, 512 << 20)}
-DEFAULT_WINDOW_TUNING = (512, 64 << 20)
-MAX_WINDOW = 256  # decode steps per window at most (batch 1 on CPU: one batched encode per 256 steps)
 
 
 @dataclass
@@ -238,7 +231,7 @@ class FeatureRecorder:
             return
         ids = input_ids(args, kwargs)
         self._caller = {"ids": ids, "kwargs": kwargs, "eager": self._eager_stack_passes, "graph": None}
-        if _forward_is_compiled(module):
+        if forward_is_compiled(module):
             # the stack's hooks will run inside the compiled region: place the pass here, as the eager
             # stack hook would (a fresh cache starts a new record, a cache holding a prefix pads, ...)
             shape = pass_shape(args, kwargs, None)
@@ -260,7 +253,7 @@ class FeatureRecorder:
         caller, self._caller = self._caller, None
         if caller is None or caller["eager"] != self._eager_stack_passes:
             return  # the stack ran eagerly: its hooks accounted for the pass
-        if caller["graph"] is None or not _forward_is_compiled(module):
+        if caller["graph"] is None or not forward_is_compiled(module):
             return  # no stack pass at all (e.g. a vision-only call)
         batch, start, n, device = caller["graph"]
         self._account_graph(batch, n, self._mask(batch, start, n, (caller["kwargs"], n), device), caller["ids"])
@@ -454,13 +447,7 @@ class FeatureRecorder:
     def _window(self, batch: int) -> int:
         if self.window_setting is not None:
             return self.window_setting
-        d = self.transcoder.config.d_model
-        itemsize = torch.finfo(self.dtype).bits // 8
-        device = next(iter(self.buffer.devices.values()))
-        rows, cap = WINDOW_TUNING.get(device.type, DEFAULT_WINDOW_TUNING)
-        by_rows = math.ceil(rows / batch)
-        by_bytes = cap // max(1, batch * d * itemsize * len(self.layers))
-        return max(1, min(MAX_WINDOW, by_rows, by_bytes))
+        return self.buffer.default_window(batch)
 
     def _drop_buffer(self) -> None:
         self.buffer.reset_counters()
@@ -516,13 +503,6 @@ class FeatureRecorder:
         enc = self.transcoder.encoders[str(layer)]
         if enc.W_enc.device != device:
             self.transcoder.encoders[str(layer)] = enc.converted(device, None, decoder=False)
-
-
-def _forward_is_compiled(model: nn.Module) -> bool:
-    """Whether ``model.forward`` was replaced by a ``torch.compile`` wrapper (its stack hooks then run
-    inside the compiled region, and the model's own hooks outside)."""
-    fwd = model.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, "_torchdynamo_orig_callable", None) is not None
 
 
 __all__ = ["FeatureRecorder", "PassShape", "StepCallback"]

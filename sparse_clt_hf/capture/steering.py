@@ -44,7 +44,7 @@ from ..errors import HookSiteError, IncompatibleTranscoderError
 from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import _mark_static
-from .positions import past_length
+from .positions import forward_is_compiled, past_length
 from .sitehooks import hook_sites
 from .tap import CallInfo
 
@@ -114,6 +114,7 @@ class Steering:
 
     def __init__(
         self,
+        model: nn.Module,
         stack: nn.Module,
         transcoder: CrossLayerTranscoder,
         input_points: Mapping[int, HookPoint],
@@ -122,6 +123,7 @@ class Steering:
         top_k: int,
         activation_threshold: float | None,
     ) -> None:
+        self.model = model
         self.stack = stack
         self.transcoder = transcoder
         self.input_points = dict(input_points)
@@ -225,6 +227,7 @@ class Steering:
     def _register(self) -> list[RemovableHandle]:
         handles: list[RemovableHandle] = []
         try:
+            handles.append(self.model.register_forward_pre_hook(self._on_model_pre, with_kwargs=True))
             handles.append(self.stack.register_forward_pre_hook(self._on_stack_pre, with_kwargs=True))
             handles.append(self.stack.register_forward_hook(self._on_stack_post, with_kwargs=True))
             # readers first: where a site is both read and written, the read sees the unsteered value
@@ -237,19 +240,34 @@ class Steering:
         return handles
 
     # ------------------------------------------------------------------ hooks
+    def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Through a compiled ``model.forward`` the stack's hooks run inside the compiled region: the pass's
+        first position is set here instead, from the cache the model was given."""
+        if torch.compiler.is_compiling() or not forward_is_compiled(module):
+            return
+        self._set_start(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is not None:
+            self._batch = ref.shape[0]
+
     def _on_stack_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if torch.compiler.is_compiling():
             return
         self._pass_id += 1
+        self._set_start(kwargs)
+        ref = _stack_input(args, kwargs)
+        if ref is not None:
+            self._batch = ref.shape[0]
+
+    def _set_start(self, kwargs: dict[str, Any]) -> None:
+        """The absolute position of the pass's first input: the length of the cache it continues."""
         past = past_length(kwargs)  # a device tensor for static caches: copied, never read on the host
         for p in self._pos.values():
             if torch.is_tensor(past):
                 p.copy_(past.reshape(1))
             else:
                 p.fill_(past)
-        ref = _stack_input(args, kwargs)
-        if ref is not None:
-            self._batch = ref.shape[0]
 
     def _on_stack_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         ref = _stack_input(args, kwargs)
