@@ -483,10 +483,11 @@ def test_recomputed_prefix_chunked_prefill_and_bf16():
 
 
 @pytest.mark.slow
-def test_plain_forwards_through_a_compiled_forward_steer_the_same_positions_as_eager():
-    """Through a compiled model.forward the stack's hooks run inside the compiled region; each plain call must
-    still start at position 0 (or the cache's length), so a position-restricted steer hits the same
-    positions as in eager mode, call after call, and as the independent plain-hook reference."""
+@pytest.mark.parametrize("how", ["forward", "model_compile"])
+def test_plain_forwards_through_a_compiled_forward_steer_the_same_positions_as_eager(how):
+    """Through a compiled model.forward (or model.compile()) the stack's hooks run inside the compiled region;
+    each plain call must still start at position 0 (or the cache's length), so a position-restricted steer
+    hits the same positions as in eager mode, call after call, and as the independent plain-hook reference."""
     model = tiny_model("llama")
     tc = random_transcoder(decoders=True)
     ids, mask = prompts(pad_first=0)
@@ -501,11 +502,15 @@ def test_plain_forwards_through_a_compiled_forward_steer_the_same_positions_as_e
         clt.steer(1, 5, 20.0, mode="clamp", positions=slice(1, 3))
         with torch.no_grad():
             eager = model(input_ids=ids, attention_mask=mask).logits
-            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+            if how == "forward":
+                model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+            else:
+                model.compile(backend="aot_eager", fullgraph=True, dynamic=False)
             try:
                 compiled = [model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
             finally:
-                del model.forward
+                model.__dict__.pop("forward", None)
+                model._compiled_call_impl = None
                 torch._dynamo.reset()
     torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
     for logits in compiled:

@@ -253,6 +253,7 @@ class Steering:
 
     def _on_stack_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if torch.compiler.is_compiling():
+            self._set_start(kwargs)  # tensor ops only (a static cache's length is a device tensor)
             return
         self._pass_id += 1
         self._set_start(kwargs)
