@@ -134,6 +134,32 @@ def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
     check_against_reference(f3, model, "llama", tc, ids, mask)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_generate_from_embeddings_records_the_prompt_and_every_step(mode):
+    """generate(inputs_embeds=...) returns the new tokens alone: the record still covers prompt + new - 1
+    positions with the prompt's padding (static cache: the stack sees a 4-D mask, so it comes from the call),
+    exact against the reference over the token ids the embeddings came from."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    embeds = model.get_input_embeddings()(ids).detach()
+    kw = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    if mode != "dynamic":
+        kw["cache_implementation"] = "static"
+    if mode == "compiled":
+        kw["compile_config"] = _compile_config()
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    try:
+        with attach_clt(model, tc, top_k=TOP_K) as clt:
+            out, feats = clt.generate(**kw)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, plain) and out.shape[1] == 5
+    seq = torch.cat([ids, out], dim=1)
+    assert feats.num_positions == seq.shape[1] - 1
+    check_against_reference(feats, model, "llama", tc, seq, full_mask(seq, mask))
+
+
 @pytest.mark.slow
 def test_compiled_forward_places_plain_calls_like_eager_ones():
     """Through a compiled model.forward the stack's hooks run inside the compiled region, so the model's own

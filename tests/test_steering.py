@@ -515,3 +515,22 @@ def test_plain_forwards_through_a_compiled_forward_steer_the_same_positions_as_e
     torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
     for logits in compiled:
         torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_of_embeddings_splits_prompt_and_generated_positions_like_token_ids():
+    """generate(inputs_embeds=...) knows its prompt length too: a steer on the generated positions gives the
+    same new tokens as the same prompt passed as token ids (whose steering the reference checks)."""
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True)
+    kw = generate_kw(max_new_tokens=6)
+    ids, mask = kw.pop("input_ids"), kw.pop("attention_mask")
+    f = busy_feature(model, tc, 1, dict(input_ids=ids, attention_mask=mask, **kw))
+    embeds = model.get_input_embeddings()(ids).detach()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        clt.steer(1, f, 9.0, positions="generated")
+        from_ids, _ = clt.generate(input_ids=ids, attention_mask=mask, **kw)
+        from_embeds, feats = clt.generate(inputs_embeds=embeds, attention_mask=mask, **kw)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert not torch.equal(from_ids, plain), "the steer changed nothing: the test would prove nothing"
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+    assert feats.num_positions == ids.shape[1] + from_embeds.shape[1] - 1

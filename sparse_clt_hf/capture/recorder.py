@@ -171,13 +171,15 @@ class FeatureRecorder:
         eager, self._eager_at_step = self._eager_stack_passes != self._eager_at_step, self._eager_stack_passes
         if eager:
             return  # the step ran eagerly: its hooks accounted for it
-        covered = sequences.shape[1]
+        offset = self._call.offset if self._call is not None else 0  # positions before ``sequences``
+        covered = offset + sequences.shape[1]
         rec = self.current
         accounted = self._recorded(rec) if rec is not None and rec.batch == sequences.shape[0] else 0
         if covered <= accounted:
             return  # eager passes account for themselves
         batch, new = sequences.shape[0], covered - accounted
-        self._account_graph(batch, new, self._mask(batch, accounted, new, None, sequences.device), sequences[:, accounted:covered])
+        tokens = sequences[:, accounted - offset : covered - offset] if accounted >= offset else None
+        self._account_graph(batch, new, self._mask(batch, accounted, new, None, sequences.device), tokens)
 
     def end_call(self, expected: int | None, what: str) -> None:
         self.in_call = False

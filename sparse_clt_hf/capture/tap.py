@@ -30,9 +30,12 @@ class CallInfo:
     """What is known about a generate call before it runs."""
 
     batch: int | None  # rows of the output (input rows x num_return_sequences)
-    prompt: int | None  # prompt length (None when only embeddings were passed)
+    prompt: int | None  # prompt length, in tokens or embeddings
     compiled_call: bool  # the whole model call is compiled (``model.compile()``): prefill runs compiled too
     mask: torch.Tensor | None = None  # the prompt's attention mask [batch, prompt], rows repeated as generate does
+    #: positions before what generate returns: the prompt when only embeddings were passed (generate then
+    #: returns the new tokens alone), else 0
+    offset: int = 0
 
 
 class CallListener(Protocol):
@@ -121,7 +124,7 @@ class GenerateTap(PerModel):
             sequences = out if torch.is_tensor(out) else getattr(out, "sequences", None)
             expected = None
             if info.prompt is not None and torch.is_tensor(sequences):
-                expected = sequences.shape[1] - 1
+                expected = info.offset + sequences.shape[1] - 1
             errors = []
             for listener in listeners:
                 try:
@@ -179,15 +182,22 @@ def _call_info(model: nn.Module, arguments: dict[str, Any]) -> CallInfo:
     ids = arguments.get("input_ids")
     if ids is None and torch.is_tensor(arguments.get("inputs")) and not arguments["inputs"].is_floating_point():
         ids = arguments["inputs"]
-    if ids is None or ids.ndim != 2:
+    embeds = arguments.get("inputs_embeds")
+    offset = 0
+    if ids is None and torch.is_tensor(embeds) and embeds.ndim == 3:
+        shape = embeds.shape[:2]  # a prompt of embeddings only: generate returns the new tokens alone
+        offset = shape[1]
+    elif torch.is_tensor(ids) and ids.ndim == 2:
+        shape = ids.shape
+    else:
         return CallInfo(None, None, _call_is_compiled(model))
     repeats = int(_setting(model, arguments, "num_return_sequences", 1) or 1)
     mask = arguments.get("attention_mask")
-    if torch.is_tensor(mask) and mask.shape == ids.shape:
+    if torch.is_tensor(mask) and mask.shape == shape:
         mask = mask.repeat_interleave(repeats, dim=0) if repeats > 1 else mask
     else:
         mask = None
-    return CallInfo(ids.shape[0] * repeats, ids.shape[1], _call_is_compiled(model), mask)
+    return CallInfo(shape[0] * repeats, shape[1], _call_is_compiled(model), mask, offset)
 
 
 def _call_is_compiled(model: nn.Module) -> bool:
