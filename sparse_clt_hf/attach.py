@@ -296,11 +296,11 @@ class _CopyGuard(PerModel):
 
     def deepcopy(self, memo: dict) -> nn.Module:
         model = self.model
-        keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, "generate")
         tap = model.__dict__.get(GenerateTap.ATTR)
+        keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, *(tap.names if tap is not None else ()))
         saved_attrs = {k: model.__dict__.pop(k) for k in keys if k in model.__dict__}
-        if tap is not None and tap.had_instance_attr:
-            model.__dict__["generate"] = tap.saved_instance_attr
+        if tap is not None:
+            model.__dict__.update(tap.saved)  # the model's own instance attributes, as before attaching
         tables = self._hook_tables()
         saved_tables = [(t, list(t.items())) for t in tables]
         ours = {h.id for att in self.members for h in att._all_handles()}
@@ -313,7 +313,8 @@ class _CopyGuard(PerModel):
             for t, items in saved_tables:
                 t.clear()
                 t.update(items)
-            model.__dict__.pop("generate", None)
+            for name in tap.names if tap is not None else ():
+                model.__dict__.pop(name, None)
             model.__dict__.update(saved_attrs)
 
     def reduce_ex(self, protocol: int) -> Any:

@@ -67,7 +67,7 @@ def test_deepcopy_of_an_attached_model_is_a_plain_model():
     with attach_clt(model, random_transcoder(), top_k=TOP_K) as clt:
         twin = copy.deepcopy(model)
         assert _hook_count(twin) == plain_before
-        assert "generate" not in twin.__dict__ and "__deepcopy__" not in twin.__dict__
+        assert not {"generate", "generate_batch", "__deepcopy__"} & set(twin.__dict__)
         with torch.no_grad():
             twin.model.layers[0].mlp.down_proj.weight.add_(1.0)  # the copy has its own weights
         out_twin = _generate(twin, ids, mask)
@@ -91,6 +91,57 @@ def test_model_moved_to_another_dtype_after_attaching_stays_exact():
 
 
 # ---------------------------------------------------------------------------- generate entry points
+_CB_NAMES = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+_CB_REQUESTS = [[1, 5, 7, 9], [3, 4, 8]]
+
+
+def _cb_config() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def test_continuous_batching_is_refused_before_any_pass():
+    """Continuous batching packs many requests into one row: generate_batch() and the manager entry points
+    are refused before any pass; detaching gives the methods back."""
+    model = tiny_model("llama")
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching")
+    with attach_clt(model, random_transcoder(), top_k=TOP_K) as clt:
+        with pytest.raises(AlignmentError, match="continuous batching packs the tokens of many requests"):
+            model.generate_batch(inputs=_CB_REQUESTS, generation_config=_cb_config())
+        with pytest.raises(AlignmentError, match="init_continuous_batching"):
+            model.init_continuous_batching(generation_config=_cb_config())
+        assert clt.calls == []
+    assert not set(_CB_NAMES) & set(model.__dict__)
+
+
+@pytest.mark.slow
+def test_paged_passes_that_bypass_the_refusal_are_reported_not_recorded():
+    """If continuous batching reaches the model some other way, nothing is recorded from its packed rows and
+    the next read says so; the attachment then records the next generate exactly as before."""
+    model = tiny_model("llama")
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching")
+    try:
+        runs = len(model.generate_batch(inputs=_CB_REQUESTS, generation_config=_cb_config(), progress_bar=False)) == 2
+    except Exception:
+        runs = False
+    if not runs:
+        pytest.skip("continuous batching does not run on this tiny model with this transformers (4.57)")
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        saved = {n: model.__dict__.pop(n) for n in _CB_NAMES if n in model.__dict__}  # a bypass
+        try:
+            model.generate_batch(inputs=_CB_REQUESTS, generation_config=_cb_config(), progress_bar=False)
+        finally:
+            model.__dict__.update(saved)
+        with pytest.raises(AlignmentError, match="paged cache"):
+            _ = clt.calls
+        ids, mask = prompts()
+        out, feats = clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert len(clt.calls) == 1
+    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
 @pytest.mark.parametrize(
     "how",
     ["keyword", "config_keyword", "config_positional", "model_default"],

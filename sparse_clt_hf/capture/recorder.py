@@ -114,6 +114,7 @@ class FeatureRecorder:
         self._call: CallInfo | None = None
         self.window = 1  # decode steps per batched encode, for the current record's batch
         self._ones: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._refused: str | None = None  # passes that ran and cannot be recorded: raised at the next read
 
     # ------------------------------------------------------------------ registration
     def register(self) -> list[RemovableHandle]:
@@ -208,6 +209,9 @@ class FeatureRecorder:
         compiled pass wrote either. A plain forward through a fully compiled model (``model.compile()``)
         runs our hooks only inside the compiled region, where nothing can account for it, so its
         positions are lost: say so."""
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            raise AlignmentError(f"{what}: {refused}; those passes were not recorded")
         try:
             self.buffer.check(
                 what,
@@ -266,6 +270,11 @@ class FeatureRecorder:
             return
         self._pass = None
         self._eager_stack_passes += 1
+        if type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__ == "PagedAttentionCache":
+            # continuous batching reached the model some other way than generate_batch (which the tap
+            # refuses): its rows pack many requests, so nothing is recorded and the next read says so
+            self._refused = "continuous batching (a paged cache) ran through the model: its rows pack many requests"
+            return
         caller_ids = self._caller["ids"] if self._caller is not None else None
         shape = pass_shape(args, kwargs, caller_ids)
         if shape is None:

@@ -66,14 +66,19 @@ class GenerateTap(PerModel):
 
     ATTR = "_sparse_clt_generate_tap"
 
+    #: generation entry points that cannot be recorded: continuous batching packs the tokens of many
+    #: requests into one row and schedules them in a background thread, so no row is one sequence
+    REFUSED = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.active: list[CallListener] = []
         self.lock = threading.Lock()
         self.original = model.generate  # bound method (class attribute)
-        self.had_instance_attr = "generate" in model.__dict__
-        self.saved_instance_attr = model.__dict__.get("generate")
         self.signature = inspect.signature(self.original)
+        #: the model attributes this tap replaces, and the instance attributes they had before (if any)
+        self.names = ("generate", *(n for n in self.REFUSED if hasattr(model, n)))
+        self.saved = {n: model.__dict__[n] for n in self.names if n in model.__dict__}
 
     def install(self) -> None:
         @functools.wraps(self.original)
@@ -81,12 +86,15 @@ class GenerateTap(PerModel):
             return self.run(args, kwargs)
 
         self.model.generate = generate  # type: ignore[method-assign]
+        for name in self.names[1:]:
+            setattr(self.model, name, functools.partial(_refuse_continuous_batching, name))
 
     def uninstall(self) -> None:
-        if self.had_instance_attr:
-            self.model.generate = self.saved_instance_attr  # type: ignore[method-assign]
-        else:
-            self.model.__dict__.pop("generate", None)
+        for name in self.names:
+            if name in self.saved:
+                setattr(self.model, name, self.saved[name])
+            else:
+                self.model.__dict__.pop(name, None)
 
     def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
@@ -160,6 +168,14 @@ def _setting(model: nn.Module, arguments: dict[str, Any], name: str, default: An
     config = _generation_config(model, arguments)
     value = getattr(config, name, None) if config is not None else None
     return default if value is None else value
+
+
+def _refuse_continuous_batching(name: str, *args: Any, **kwargs: Any) -> Any:
+    raise AlignmentError(
+        f"{name}(): continuous batching packs the tokens of many requests into one row (and runs them in a "
+        "background thread), so features could not be aligned with any request; use model.generate(...) "
+        "on a padded batch, or detach the transcoder"
+    )
 
 
 def _refuse_beams(model: nn.Module, arguments: dict[str, Any]) -> None:
