@@ -160,6 +160,62 @@ def test_generate_from_embeddings_records_the_prompt_and_every_step(mode):
     check_against_reference(feats, model, "llama", tc, seq, full_mask(seq, mask))
 
 
+@pytest.mark.parametrize("mode", ["eager", "static", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_vision_language_generate_with_an_image(mode):
+    """LLaVA with an image: the text stack receives embeddings in which 16 image-token positions carry the
+    vision tower's features; every position (image ones included) is recorded and exact against plain hooks
+    on a forward over the final sequences with the same image, left padding kept."""
+    from conftest import assert_features_match, textbook_dense
+    from test_attach import RESID_MID
+
+    model = tiny_model("llava")
+    cfg = model.config
+    image_token = cfg.text_config.vocab_size - 1  # the tiny vocabulary has no id 32000
+    cfg.image_token_index = image_token
+    if hasattr(cfg, "image_token_id"):
+        cfg.image_token_id = image_token
+    n_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(3, 100, (2, 3), generator=g), torch.full((2, n_image), image_token),
+                     torch.randint(3, 100, (2, 3), generator=g)], dim=1)
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    pixels = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    if mode != "eager":
+        kw["cache_implementation"] = "static"
+    if mode == "compiled":
+        kw["compile_config"] = _compile_config()
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    try:
+        with attach_clt(model, tc, top_k=TOP_K) as clt:
+            out, feats = clt.generate(**kw)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, plain)
+    t = feats.num_positions
+    assert t == out.shape[1] - 1
+    seq, m = out[:, :t], full_mask(out, mask)[:, :t]
+    got, handles = {}, []
+    for layer in feats.layers:
+        site = model.get_submodule(RESID_MID["llava"].format(l=layer))
+        handles.append(site.register_forward_pre_hook(lambda mod, a, layer=layer: got.__setitem__(layer, a[0])))
+    try:
+        with torch.no_grad():
+            model(input_ids=seq, pixel_values=pixels, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp_min(0))
+    finally:
+        for h in handles:
+            h.remove()
+    real = feats.mask
+    assert torch.equal(real, m.bool())
+    for i, layer in enumerate(feats.layers):
+        dense = textbook_dense(tc, got[layer], layer)
+        assert_features_match(
+            feats.values[:, :, i][real], feats.indices[:, :, i][real], feats.l0[:, :, i][real], dense[real], TOP_K
+        )
+
+
 @pytest.mark.slow
 def test_compiled_forward_places_plain_calls_like_eager_ones():
     """Through a compiled model.forward the stack's hooks run inside the compiled region, so the model's own
