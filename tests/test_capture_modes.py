@@ -26,6 +26,26 @@ def _compile_config(backend: str = "aot_eager", mode: str | None = None) -> Comp
     return cfg
 
 
+def _generate_in_mode(model, kw: dict, mode: str):
+    """Generate without and with an attachment (a fresh random transcoder) in ``mode``: "eager" (dynamic
+    cache), "static", or "compiled" (static cache, transformers' compiled decode step); the ids must agree.
+    Returns (transcoder, sequences, features)."""
+    kw = dict(kw)
+    if mode in ("static", "compiled"):
+        kw["cache_implementation"] = "static"
+    if mode == "compiled":
+        kw["compile_config"] = _compile_config()
+    plain = model.generate(**kw)
+    tc = random_transcoder()
+    try:
+        with attach_clt(model, tc, top_k=TOP_K) as clt:
+            out, feats = clt.generate(**kw)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, plain), "attaching changed the generated ids"
+    return tc, out, feats
+
+
 @pytest.fixture
 def no_recompile():
     """Inside: any dynamo recompile is an error."""
@@ -40,12 +60,8 @@ def no_recompile():
 def test_static_cache_records_every_decode_step(arch):
     model = tiny_model(arch)
     ids, mask = prompts()
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    plain = model.generate(**kw)
-    tc = random_transcoder()
-    with attach_clt(model, tc, top_k=TOP_K) as clt:
-        out, feats = clt.generate(**kw)
-    assert torch.equal(out, plain)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    tc, out, feats = _generate_in_mode(model, kw, "static")
     assert feats.num_positions == out.shape[1] - 1
     check_against_reference(feats, model, arch, tc, out, full_mask(out, mask))
 
@@ -59,12 +75,8 @@ def test_static_cache_with_sliding_layers_past_their_window():
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    plain = model.generate(**kw)
-    tc = random_transcoder()
-    with attach_clt(model, tc, top_k=TOP_K) as clt:
-        out, feats = clt.generate(**kw)
-    assert torch.equal(out, plain)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    tc, out, feats = _generate_in_mode(model, kw, "static")
     check_against_reference(feats, model, "gemma2", tc, out, full_mask(out, mask))
 
 
@@ -134,7 +146,7 @@ def test_compiled_forward_fullgraph_static_cache_compiles_once(no_recompile):
     check_against_reference(f3, model, "llama", tc, ids, mask)
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static", pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["eager", "static", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_generate_from_embeddings_records_the_prompt_and_every_step(mode):
     """generate(inputs_embeds=...) returns the new tokens alone: the record still covers prompt + new - 1
     positions with the prompt's padding (static cache: the stack sees a 4-D mask, so it comes from the call),
@@ -143,18 +155,8 @@ def test_generate_from_embeddings_records_the_prompt_and_every_step(mode):
     ids, mask = prompts()
     embeds = model.get_input_embeddings()(ids).detach()
     kw = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    if mode != "dynamic":
-        kw["cache_implementation"] = "static"
-    if mode == "compiled":
-        kw["compile_config"] = _compile_config()
-    plain = model.generate(**kw)
-    tc = random_transcoder()
-    try:
-        with attach_clt(model, tc, top_k=TOP_K) as clt:
-            out, feats = clt.generate(**kw)
-    finally:
-        torch._dynamo.reset()
-    assert torch.equal(out, plain) and out.shape[1] == 5
+    tc, out, feats = _generate_in_mode(model, kw, mode)
+    assert out.shape[1] == 5
     seq = torch.cat([ids, out], dim=1)
     assert feats.num_positions == seq.shape[1] - 1
     check_against_reference(feats, model, "llama", tc, seq, full_mask(seq, mask))
@@ -182,18 +184,7 @@ def test_vision_language_generate_with_an_image(mode):
     ids[0, :2], mask[0, :2] = 0, 0
     pixels = torch.randn(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
-    if mode != "eager":
-        kw["cache_implementation"] = "static"
-    if mode == "compiled":
-        kw["compile_config"] = _compile_config()
-    plain = model.generate(**kw)
-    tc = random_transcoder()
-    try:
-        with attach_clt(model, tc, top_k=TOP_K) as clt:
-            out, feats = clt.generate(**kw)
-    finally:
-        torch._dynamo.reset()
-    assert torch.equal(out, plain)
+    tc, out, feats = _generate_in_mode(model, kw, mode)
     t = feats.num_positions
     assert t == out.shape[1] - 1
     seq, m = out[:, :t], full_mask(out, mask)[:, :t]
