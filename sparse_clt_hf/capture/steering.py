@@ -44,7 +44,7 @@ from ..errors import HookSiteError, IncompatibleTranscoderError
 from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import _mark_static
-from .positions import forward_is_compiled, past_length
+from .positions import forward_is_compiled, input_ids, past_length
 from .sitehooks import hook_sites
 from .tap import CallInfo
 
@@ -246,7 +246,7 @@ class Steering:
         if torch.compiler.is_compiling() or not forward_is_compiled(module):
             return
         self._set_start(kwargs)
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        ids = input_ids(args, kwargs)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if ref is not None:
             self._batch = ref.shape[0]
