@@ -66,6 +66,19 @@ def test_static_cache_records_every_decode_step(arch):
     check_against_reference(feats, model, arch, tc, out, full_mask(out, mask))
 
 
+@pytest.mark.parametrize("mode", ["eager", "static", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_padding_generate_infers_without_an_attention_mask(mode):
+    """No attention_mask passed: generate infers it from the pad token (ids != pad_token_id). A static cache
+    hands the stack only a 4-D mask, so the call must infer it the same way, or left padding would be
+    reported as real positions."""
+    model = tiny_model("llama")
+    ids, mask = prompts()  # row 0 starts with two pad tokens (id 0)
+    kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    tc, out, feats = _generate_in_mode(model, kw, mode)
+    assert torch.equal(feats.mask[:, : ids.shape[1]], mask.bool())
+    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
 def test_static_cache_with_sliding_layers_past_their_window():
     """Gemma-2 alternates sliding and full layers; with a prompt longer than the sliding window the static
     cache's layers hold different lengths, and the length the recorder assumes (device-held, never read

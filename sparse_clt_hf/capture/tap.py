@@ -209,11 +209,27 @@ def _call_info(model: nn.Module, arguments: dict[str, Any]) -> CallInfo:
         return CallInfo(None, None, _call_is_compiled(model))
     repeats = int(_setting(model, arguments, "num_return_sequences", 1) or 1)
     mask = arguments.get("attention_mask")
+    if mask is None and offset == 0:
+        mask = _inferred_mask(model, arguments, ids)
     if torch.is_tensor(mask) and mask.shape == shape:
         mask = mask.repeat_interleave(repeats, dim=0) if repeats > 1 else mask
     else:
         mask = None
     return CallInfo(shape[0] * repeats, shape[1], _call_is_compiled(model), mask, offset)
+
+
+def _inferred_mask(model: nn.Module, arguments: dict[str, Any], ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask generate infers when none is passed (its rule: ``ids != pad_token_id`` where the
+    prompt holds the pad token and the pad token is not an end-of-sequence token; else all ones, here
+    None). Needed where the stack sees only a 4-D mask (static caches), which would hide the padding."""
+    pad = _setting(model, arguments, "pad_token_id", None)
+    if not isinstance(pad, int) or isinstance(pad, bool):
+        return None
+    eos = _setting(model, arguments, "eos_token_id", None)
+    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if pad in eos_ids or not bool((ids == pad).any()):  # one host read, before generating
+        return None
+    return ids.ne(pad).long()
 
 
 def _call_is_compiled(model: nn.Module) -> bool:
