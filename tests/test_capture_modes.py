@@ -243,8 +243,12 @@ def test_compiled_forward_places_plain_calls_like_eager_ones():
                 model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
                       past_key_values=out.past_key_values, use_cache=True)
                 loop = clt.calls
+            passes = []
+            probe = model.register_forward_pre_hook(lambda *a: passes.append(1))  # outside the compiled region
             with pytest.raises(AlignmentError, match="use_cache=False with a compiled model.forward"):
                 clt.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False)
+            probe.remove()
+            assert passes == [], "refused only after running passes"
         finally:
             del model.forward
             torch._dynamo.reset()

@@ -119,3 +119,39 @@ def generated_mask(prompt_mask: torch.Tensor, start: int, new: int) -> torch.Ten
         upto = min(start + new, prompt)
         mask[:, : upto - start] = prompt_mask[:, start:upto].bool()
     return mask
+
+
+class PassMasks:
+    """Masks ``[batch, new]`` of the positions a pass adds (False on padding), one cached all-True mask per
+    shape and device so that a decode step makes no new tensor."""
+
+    def __init__(self) -> None:
+        self._ones: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def __call__(
+        self,
+        prompt_mask: torch.Tensor | None,
+        batch: int,
+        start: int,
+        new: int,
+        given: tuple[dict[str, Any], int] | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Positions ``start..start+new``: from the generate call's prompt mask inside a call (the stack may
+        see a 4-D mask there), else from the attention mask the pass was given (``given``: its kwargs and
+        input length), else all real."""
+        if prompt_mask is not None and prompt_mask.shape[0] == batch:
+            if start >= prompt_mask.shape[1]:
+                return self.all_real(batch, new, device)  # a decode step: no new tensor, no launch
+            return generated_mask(prompt_mask, start, new).to(device)
+        if given is not None:
+            return new_positions_mask(given[0], batch, given[1], new, device)
+        return self.all_real(batch, new, device)
+
+    def all_real(self, batch: int, new: int, device: torch.device) -> torch.Tensor:
+        """An all-True mask (read only)."""
+        key = (batch, new, str(device))
+        mask = self._ones.get(key)
+        if mask is None:
+            mask = self._ones[key] = torch.ones(batch, new, dtype=torch.bool, device=device)
+        return mask

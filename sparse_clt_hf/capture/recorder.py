@@ -31,12 +31,11 @@ from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import DecodeBuffer
 from .positions import (
+    PassMasks,
     PassShape,
     Placement,
     forward_is_compiled,
-    generated_mask,
     input_ids,
-    new_positions_mask,
     pass_shape,
     place,
 )
@@ -47,6 +46,11 @@ from .tap import CallInfo
 
 StepCallback = Callable[[Features], None]
 
+_RECOMPUTE_COMPILED = (
+    "use_cache=False with a compiled model.forward cannot be recorded: every pass recomputes the prefix inside "
+    "the compiled region, where the positions already recorded cannot be dropped; generate with the cache, or "
+    "without compiling forward"
+)
 
 
 @dataclass
@@ -113,7 +117,7 @@ class FeatureRecorder:
         self._eager_at_step = 0
         self._call: CallInfo | None = None
         self.window = 1  # decode steps per batched encode, for the current record's batch
-        self._ones: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.masks = PassMasks()
         self._refused: str | None = None  # passes that ran and cannot be recorded: raised at the next read
 
     # ------------------------------------------------------------------ registration
@@ -156,6 +160,8 @@ class FeatureRecorder:
 
     # ------------------------------------------------------------------ generate boundaries (called by the tap)
     def begin_call(self, info: CallInfo) -> None:
+        if not info.use_cache and forward_is_compiled(self.model):
+            raise AlignmentError(_RECOMPUTE_COMPILED)
         self._pass = None
         self.flush()
         self._check_idle("generate()")
@@ -245,11 +251,7 @@ class FeatureRecorder:
                 return
             _, where = self._place(shape)
             if where.skip:
-                raise AlignmentError(
-                    "use_cache=False with a compiled model.forward cannot be recorded: every pass recomputes "
-                    "the prefix inside the compiled region, where the positions already recorded cannot be "
-                    "dropped; generate with the cache, or without compiling forward"
-                )
+                raise AlignmentError(_RECOMPUTE_COMPILED)
             self._prepare_graph_pass(shape.batch, shape.length)
             self._caller["graph"] = (shape.batch, where.start, shape.length, shape.device)
 
@@ -375,24 +377,7 @@ class FeatureRecorder:
     def _mask(
         self, batch: int, start: int, new: int, given: tuple[dict[str, Any], int] | None, device: torch.device
     ) -> torch.Tensor:
-        """Mask of positions ``start..start+new``: from the generate call's prompt mask inside a call,
-        else from the attention mask the pass was given (``given``: its kwargs and input length)."""
-        prompt_mask = self._call.mask if self._call is not None else None
-        if prompt_mask is not None and prompt_mask.shape[0] == batch:
-            if start >= prompt_mask.shape[1]:
-                return self._all_real(batch, new, device)  # a decode step: no new tensor, no launch
-            return generated_mask(prompt_mask, start, new).to(device)
-        if given is not None:
-            return new_positions_mask(given[0], batch, given[1], new, device)
-        return self._all_real(batch, new, device)
-
-    def _all_real(self, batch: int, new: int, device: torch.device) -> torch.Tensor:
-        """An all-True mask [batch, new], made once per shape and device (read only)."""
-        key = (batch, new, str(device))
-        mask = self._ones.get(key)
-        if mask is None:
-            mask = self._ones[key] = torch.ones(batch, new, dtype=torch.bool, device=device)
-        return mask
+        return self.masks(self._call.mask if self._call is not None else None, batch, start, new, given, device)
 
     # ------------------------------------------------------------------ compiled passes
     def _prepare_graph_pass(self, batch: int, n: int) -> None:

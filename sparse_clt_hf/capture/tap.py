@@ -36,6 +36,7 @@ class CallInfo:
     #: positions before what generate returns: the prompt when only embeddings were passed (generate then
     #: returns the new tokens alone), else 0
     offset: int = 0
+    use_cache: bool = True  # False: every step recomputes the whole sequence
 
 
 class CallListener(Protocol):
@@ -206,7 +207,7 @@ def _call_info(model: nn.Module, arguments: dict[str, Any]) -> CallInfo:
     elif torch.is_tensor(ids) and ids.ndim == 2:
         shape = ids.shape
     else:
-        return CallInfo(None, None, _call_is_compiled(model))
+        return CallInfo(None, None, _call_is_compiled(model), use_cache=_uses_cache(model, arguments))
     repeats = int(_setting(model, arguments, "num_return_sequences", 1) or 1)
     mask = arguments.get("attention_mask")
     if mask is None and offset == 0:
@@ -215,7 +216,11 @@ def _call_info(model: nn.Module, arguments: dict[str, Any]) -> CallInfo:
         mask = mask.repeat_interleave(repeats, dim=0) if repeats > 1 else mask
     else:
         mask = None
-    return CallInfo(shape[0] * repeats, shape[1], _call_is_compiled(model), mask, offset)
+    return CallInfo(shape[0] * repeats, shape[1], _call_is_compiled(model), mask, offset, _uses_cache(model, arguments))
+
+
+def _uses_cache(model: nn.Module, arguments: dict[str, Any]) -> bool:
+    return _setting(model, arguments, "use_cache", True) is not False
 
 
 def _inferred_mask(model: nn.Module, arguments: dict[str, Any], ids: torch.Tensor) -> torch.Tensor | None:
