@@ -341,6 +341,28 @@ def test_a_pass_the_hooks_never_saw_raises():
 
 
 @pytest.mark.slow
+def test_a_plain_call_through_torch_compile_of_the_model_raises_at_the_next_read():
+    """torch.compile(model) (a wrapper module) compiles the model's hooks too, even before any pass made a
+    decode buffer: the first plain call through it cannot be followed and the next read says so (it used to
+    report no call at all); generate through the wrapper runs the attached model's generate and is recorded."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    tc = random_transcoder()
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        wrapper = torch.compile(model, backend="aot_eager")
+        try:
+            with torch.no_grad():
+                wrapper(input_ids=ids, attention_mask=mask)
+            with pytest.raises(AlignmentError, match="torch.compile"):
+                _ = clt.calls
+            out = wrapper.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            (feats,) = clt.calls
+        finally:
+            torch._dynamo.reset()
+    check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+
+
+@pytest.mark.slow
 def test_model_compile_generate_records_and_a_plain_forward_it_cannot_follow_raises(no_recompile):
     """model.compile() compiles the whole call, the model's own hooks included: generate is followed (the
     step callback accounts for it); a plain forward is not, and the next read says so instead of

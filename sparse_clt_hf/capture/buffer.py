@@ -145,7 +145,7 @@ class DecodeBuffer:
         flags = list(self.bad.values())
         home = flags[0].device
         code = torch.stack([f.reshape(()).to(home) for f in flags]).any().long()
-        if idle is not None and self.bufs and not self.slots:
+        if idle is not None and not self.slots:  # (also with no buffer yet: a compiled pass advanced the counter)
             moved = torch.stack([(p != 0).reshape(()).to(home) for p in self.pos.values()]).any()
             code = code + 2 * moved.long()
         found = int(code)  # the one host read

@@ -222,7 +222,7 @@ class FeatureRecorder:
             self.buffer.check(
                 what,
                 idle="a compiled forward pass ran outside generate() that the attachment could not follow "
-                "(with model.compile() the hooks run only inside the compiled region; compile "
+                "(with model.compile() or torch.compile(model) the hooks run only inside the compiled region; compile "
                 "model.forward instead to record plain forward calls)",
             )
         finally:
