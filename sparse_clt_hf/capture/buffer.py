@@ -86,7 +86,11 @@ class DecodeBuffer:
 
     def write_graph(self, layer: int, h: torch.Tensor) -> None:
         """Compiled pass: ``h`` into the columns the device counter points at (tensor ops only)."""
-        buf = self.bufs[layer]
+        buf = self.bufs.get(layer)
+        if buf is None:  # no buffer yet (a compiled call before any pass prepared one): lost, so say so
+            for flag in self.bad.values():
+                flag.fill_(True)
+            return
         if h.ndim == 2:
             h = h.view(buf.shape[0], -1, h.shape[-1])
         key = str(buf.device)
@@ -152,14 +156,14 @@ class DecodeBuffer:
         if not found:
             return
         self.clear_flags()
-        if found & 1:
-            if ":" not in what:
-                what += (
-                    ": a forward pass ran that the attachment could not follow (the site hooks and the "
-                    "step accounting disagree on the number of positions), so its features cannot be aligned"
-                )
-            raise AlignmentError(what)
-        raise AlignmentError(f"{what}: {idle}")
+        if found & 2:
+            raise AlignmentError(f"{what}: {idle}")
+        if ":" not in what:
+            what += (
+                ": a forward pass ran that the attachment could not follow (the site hooks and the "
+                "step accounting disagree on the number of positions), so its features cannot be aligned"
+            )
+        raise AlignmentError(what)
 
     def written(self) -> int:
         """Positions the hooks wrote since the last flush (a host read; for checks outside the hot path)."""
