@@ -298,3 +298,26 @@ def test_a_loaded_transcoder_reading_ln2_normalized_follows_the_model_norm():
     with attach_clt(model, tc, top_k=TOP_K) as clt:
         assert clt.transcoder.config.input_transform == "layernorm"
     assert tc.config.input_transform == "rmsnorm" and tc.config.extra[NORM_DEPENDENT_KEY]  # the user's object
+
+
+@pytest.mark.parametrize("order", [("inference", "no_grad"), ("no_grad", "inference")])
+def test_inference_mode_and_no_grad_calls_mix(order):
+    """Tensors made during a call under torch.inference_mode() cannot be updated in place outside it: the
+    attachment's persistent state (decode buffer, counters, steering tensors) is made as normal tensors,
+    so calls under either mode can follow each other, recorded exactly and steered."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    tc = random_transcoder(decoders=True)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        for name in order:
+            with modes[name]():
+                out, feats = clt.generate(**kw)
+            check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))
+        with modes[order[0]]():
+            handle = clt.steer(1, 3, 5.0, positions="generated")  # steering tensors made in the first mode
+        for name in order:
+            with modes[name]():
+                handle.set(-2.0)
+                clt.generate(**kw, cache_implementation="static")

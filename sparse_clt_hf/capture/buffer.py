@@ -37,6 +37,7 @@ MAX_WINDOW = 256  # decode steps per window at most (batch 1 on CPU: one batched
 class DecodeBuffer:
     """Per-layer static buffers and the per-device position counters that compiled passes use."""
 
+    @torch.inference_mode(False)  # normal tensors: updated in place later, in or out of inference mode
     def __init__(self, layers: list[int], devices: dict[int, torch.device], dtype: torch.dtype, d: int) -> None:
         self.layers = list(layers)
         self.devices = dict(devices)
@@ -62,6 +63,7 @@ class DecodeBuffer:
         by_bytes = cap // max(1, batch * self.d * itemsize * len(self.layers))
         return max(1, min(MAX_WINDOW, by_rows, by_bytes))
 
+    @torch.inference_mode(False)
     def ensure(self, batch: int, window: int) -> None:
         """Buffers for ``batch`` rows and at least ``window`` positions; the same tensors if they fit
         (a compiled step keeps the addresses it was compiled with)."""

@@ -185,6 +185,7 @@ class Steering:
             src.hi.copy_(torch.tensor(hi, dtype=torch.long))
 
     # ------------------------------------------------------------------ building
+    @torch.inference_mode(False)  # normal tensors: updated in place later, in or out of inference mode
     def _build(self) -> None:
         tc = self.transcoder
         by_layer: dict[int, list[Steer]] = {}
