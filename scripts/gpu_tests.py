@@ -109,12 +109,18 @@ def run_without_pytest(json_path: str | None) -> int:
         print(f"{outcome.upper():7s} {name} ({seconds:.1f} s)", flush=True)
         if detail:
             print(detail, flush=True)
-    counts = {o: sum(r["outcome"] == o for r in results) for o in ("passed", "failed", "skipped")}
+        _write(json_path, module.DEVICE, results)  # after every test: a run cut short keeps what it did
+    counts = _write(json_path, module.DEVICE, results)
     print(f"test_gpu.py on {module.DEVICE} without pytest: " + ", ".join(f"{n} {o}" for o, n in counts.items()))
-    if json_path:
-        Path(json_path).write_text(json.dumps({"runner": "direct (no pytest)", "device": module.DEVICE,
-                                               "counts": counts, "results": results}, indent=2))
     return 1 if counts["failed"] else 0
+
+
+def _write(json_path: str | None, device: str | None, results: list[dict]) -> dict[str, int]:
+    counts = {o: sum(r["outcome"] == o for r in results) for o in ("passed", "failed", "skipped")}
+    if json_path:
+        Path(json_path).write_text(json.dumps({"runner": "direct (no pytest)", "device": device,
+                                               "counts": counts, "results": results}, indent=2))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
