@@ -52,8 +52,17 @@ def test_second_thread_generate_is_refused_at_once():
         assert entered.wait(10)
         with pytest.raises(AlignmentError, match="another thread"):
             _generate(model, ids, mask)
+        with torch.no_grad():  # a plain forward, or the decoder stack called directly, is refused too
+            with pytest.raises(AlignmentError, match="another thread"):
+                model(input_ids=ids, attention_mask=mask)
+            with pytest.raises(AlignmentError, match="another thread"):
+                model.model(input_ids=ids, attention_mask=mask)
         release.set()
         t.join(10)
+        assert len(clt.calls) == 1, "the refused passes left a record"
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # after the call, other threads' passes record again
+        assert len(clt.calls) == 2
     out, feats = result["out"], result["feats"]
     assert feats.num_positions == out.shape[1] - 1  # the first call is whole and exact
     check_against_reference(feats, model, "llama", tc, out, full_mask(out, mask))

@@ -16,6 +16,7 @@ the Python side between steps.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -109,6 +110,7 @@ class FeatureRecorder:
         self.records: list[Record] = []
         self.current: Record | None = None
         self.in_call = False
+        self._call_thread = 0  # the thread running the generate call in flight
         self._pass: _Pass | None = None
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # buffered (n, mask, tokens)
         self._buffer_record: Record | None = None
@@ -167,6 +169,7 @@ class FeatureRecorder:
         self._check_idle("generate()")
         self._commit_current()
         self.in_call = True
+        self._call_thread = threading.get_ident()
         self._call = info
         if info.batch is not None and info.prompt is not None:
             # The buffer exists before any compiled pass can write into it; a compiled model call
@@ -241,6 +244,7 @@ class FeatureRecorder:
     def _on_model_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if torch.compiler.is_compiling():
             return
+        self._refuse_other_threads()
         ids = input_ids(args, kwargs)
         self._caller = {"ids": ids, "kwargs": kwargs, "eager": self._eager_stack_passes, "graph": None}
         if forward_is_compiled(module):
@@ -270,6 +274,7 @@ class FeatureRecorder:
     def _on_stack_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if torch.compiler.is_compiling():
             return
+        self._refuse_other_threads()
         self._pass = None
         self._eager_stack_passes += 1
         if type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__ == "PagedAttentionCache":
@@ -341,6 +346,15 @@ class FeatureRecorder:
             rec.advance(p.new, p.mask, p.tokens)
         if self.on_step is not None:  # on_step implies window=1: this pass is encoded by now
             self.on_step(self._last(rec))
+
+    def _refuse_other_threads(self) -> None:
+        """A pass from another thread while a generate call runs would interleave with its passes: refused
+        before it runs (the generate call goes on unharmed)."""
+        if self.in_call and threading.get_ident() != self._call_thread:
+            raise AlignmentError(
+                "a forward pass from another thread while generate() runs on this attached model: passes of "
+                "two threads would interleave in one record; use one model per thread, or serialise the calls"
+            )
 
     def _place(self, shape: PassShape) -> tuple[Record, Placement]:
         """Where a pass of ``shape`` goes (:func:`.positions.place`), with the record made ready for it: a
