@@ -57,10 +57,15 @@ def input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return ids
 
 
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The cache a pass was given (transformers 5.x names it ``cache``, 4.x ``past_key_values``), or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def past_length(kwargs: dict[str, Any]) -> int | torch.Tensor:
     """Positions already in the cache the stack was given (0 without one): an int, or a 0-d tensor on
     the cache's device where the cache keeps its length there (not read here: no host sync)."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = cache_of(kwargs)
     if cache is None:
         return 0
     position = kwargs.get("cache_position")

@@ -35,6 +35,7 @@ from .positions import (
     PassMasks,
     PassShape,
     Placement,
+    cache_of,
     forward_is_compiled,
     input_ids,
     pass_shape,
@@ -277,7 +278,7 @@ class FeatureRecorder:
         self._refuse_other_threads()
         self._pass = None
         self._eager_stack_passes += 1
-        if type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__ == "PagedAttentionCache":
+        if type(cache_of(kwargs)).__name__ == "PagedAttentionCache":
             # continuous batching reached the model some other way than generate_batch (which the tap
             # refuses): its rows pack many requests, so nothing is recorded and the next read says so
             self._refused = "continuous batching (a paged cache) ran through the model: its rows pack many requests"
