@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._options import add_model_options, load_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("feature", help="LAYER/FEATURE as the demo prints it, e.g. 6/942 or L6/942")
@@ -22,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model whose tokenizer decodes the contexts (default: the tokenizer saved next to the "
                              "statistics, else the model they name, else SmolLM2)")
     parser.add_argument("--contexts", type=int, default=10, help="max-activating contexts shown (at most those stored)")
+    add_model_options(parser)  # the model runs only to compute the demo transcoder's statistics once
 
 
-def _demo_stats(progress: bool, log) -> tuple[Any, Path]:
+def _demo_stats(args: argparse.Namespace, progress: bool, log) -> tuple[Any, Path]:
     """The demo transcoder's statistics, computed once (this loads the model) when missing."""
     from .. import demo
     from ..feature_stats import FeatureStats
@@ -37,7 +40,7 @@ def _demo_stats(progress: bool, log) -> tuple[Any, Path]:
         )
     if stats_path(folder).is_file():
         return FeatureStats.load(stats_path(folder)), folder
-    model, tokenizer, _ = demo.load_model(None)
+    model, tokenizer, _ = load_model(args, None)
     return demo.ensure_demo_stats(model, tokenizer, folder, progress=progress, log=log), folder
 
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             )
         stats, where, folders = FeatureStats.load(stats_path(folder)), stats_path(folder), [folder]
     else:
-        stats, folder = _demo_stats(progress=not args.json, log=log)
+        stats, folder = _demo_stats(args, progress=not args.json, log=log)
         where, folders = stats_path(folder), [folder]
     if layer not in stats.layers:
         raise ValueError(f"layer {layer} has no statistics in {where}; layers: {stats.layers}")
