@@ -6,7 +6,9 @@ errors answer at once); the values are checked by argparse, the device's availab
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -153,3 +155,32 @@ def load_model(args: argparse.Namespace, name_or_path: str | None = None, **over
     from ..models import load_model as load
 
     return load(name_or_path, **{**model_load_kwargs(args), **overrides})
+
+
+# ---------------------------------------------------------------------------- reading saved outputs
+def find_tokenizer(model: str | None, folders: list[Path]):
+    """The tokenizer of saved outputs (statistics, an extraction): ``model``'s (``--model``) when given, else
+    one saved in a folder's ``tokenizer/``, else that of the model a folder's manifest.json / config.yaml
+    names, else the default model's."""
+    from ..labels import TOKENIZER_DIR
+    from ..models import load_tokenizer
+
+    if model is not None:
+        return load_tokenizer(model)
+    for folder in folders:
+        if (folder / TOKENIZER_DIR).is_dir():
+            return load_tokenizer(str(folder / TOKENIZER_DIR))
+    for folder in folders:
+        for name, key in (("manifest.json", "model"), ("config.yaml", "model_name")):
+            path = folder / name
+            if path.is_file():
+                text = path.read_text(encoding="utf-8")
+                if name.endswith(".json"):
+                    named = json.loads(text).get(key)
+                else:
+                    import yaml
+
+                    named = (yaml.safe_load(text) or {}).get(key)
+                if named:
+                    return load_tokenizer(named)
+    return load_tokenizer(None)

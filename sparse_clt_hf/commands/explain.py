@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._options import add_model_options, load_model
+from ._options import add_model_options, find_tokenizer, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,32 +44,6 @@ def _demo_stats(args: argparse.Namespace, progress: bool, log) -> tuple[Any, Pat
     return demo.ensure_demo_stats(model, tokenizer, folder, progress=progress, log=log), folder
 
 
-def _tokenizer(args: argparse.Namespace, folders: list[Path]):
-    """``--model``'s tokenizer, else one saved next to the statistics, else the model they name."""
-    from ..labels import TOKENIZER_DIR
-    from ..models import load_tokenizer
-
-    if args.model is not None:
-        return load_tokenizer(args.model)
-    for folder in folders:
-        if (folder / TOKENIZER_DIR).is_dir():
-            return load_tokenizer(str(folder / TOKENIZER_DIR))
-    for folder in folders:
-        for name, key in (("manifest.json", "model"), ("config.yaml", "model_name")):
-            path = folder / name
-            if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                if name.endswith(".json"):
-                    model = json.loads(text).get(key)
-                else:
-                    import yaml
-
-                    model = (yaml.safe_load(text) or {}).get(key)
-                if model:
-                    return load_tokenizer(model)
-    return load_tokenizer(None)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..feature_stats import FeatureStats
     from ..labels import check_stats_path, feature_summary, marked_context, parse_feature, stats_path
@@ -98,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     width = stats.n_features[stats.layers.index(layer)]
     if not 0 <= feature < width:
         raise ValueError(f"feature {feature} out of range: layer {layer} has {width} features (0..{width - 1})")
-    tokenizer = _tokenizer(args, folders)
+    tokenizer = find_tokenizer(args.model, folders)
     summary = feature_summary(stats, layer, feature)
     contexts = stats.top_contexts(layer, feature)[: max(0, args.contexts)]
     label = [tokenizer.decode([t]) for t in stats.top_tokens(layer, feature, 3)]
