@@ -59,7 +59,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "_compile_all_devices; on CUDA it is compiled anyway)")
     parser.add_argument("--compile-backend", default="inductor", help="backend for --compile (default inductor)")
     parser.add_argument("--kernel-rows", type=_ints, default=None, help="W3 rows, e.g. 4096,32768")
-    add_model_options(parser, device_map=False)  # --device, --dtype (auto: float32; bfloat16 with --gemma2-2b)
+    add_model_options(parser, device_map=False,
+                      dtype_help="model and transcoder dtype (default and auto: float32; bfloat16 with --gemma2-2b)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None,
                         help="also write the JSON report to this file (rewritten after every row, so a run "

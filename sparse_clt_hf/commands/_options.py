@@ -86,9 +86,11 @@ def attn_arg(text: str) -> str:
         "or a Hub kernel such as kernels-community/flash-attn")
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, device_map: bool = True) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, device_map: bool = True,
+                      dtype_help: str | None = None) -> None:
     """``--device``, ``--dtype``, ``--device-map`` (unless ``device_map=False``; exclusive with
-    ``--device``) and ``--attn-implementation``, as transformers' own tools take them."""
+    ``--device``) and ``--attn-implementation``, as transformers' own tools take them (``dtype_help``:
+    a command's own words for its dtype default)."""
     group = parser.add_argument_group("model loading")
     where = group.add_mutually_exclusive_group() if device_map else group
     where.add_argument("--device", type=device_arg, default=None,
@@ -98,8 +100,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, device_map: bool = Tru
                            help="split the model across devices as from_pretrained(device_map=MAP) does, e.g. "
                                 "'auto' for a model larger than one GPU (instead of --device)")
     group.add_argument("--dtype", choices=DTYPES, default=None,
-                       help="model dtype; auto = the checkpoint's own (default: auto on a GPU, float32 on the "
-                            "cpu; the transcoder follows the model)")
+                       help=dtype_help or "model dtype; auto = the checkpoint's own (default: auto on a GPU, "
+                                          "float32 on the cpu; the transcoder follows the model)")
     group.add_argument("--attn-implementation", type=attn_arg, default=None, metavar="IMPL",
                        help=f"attention kernel: {', '.join(ATTN_IMPLEMENTATIONS)} or a Hub kernel "
                             "(default: transformers' choice)")
