@@ -18,6 +18,7 @@ import yaml
 from conftest import random_transcoder
 from test_demo import char_tokenizer
 from test_ux import demo_env, tiny_demo  # noqa: F401  (fixtures: the demo on a tiny model)
+from test_view import run_chromium
 from tiny_models import tiny_model
 
 from sparse_clt_hf import CrossLayerTranscoder, Features, FeatureStats, cli, load_extracted
@@ -259,17 +260,21 @@ def test_view_of_an_extraction_folder_is_an_index_of_its_documents(extraction, t
     index = out.read_text(encoding="utf-8")
     assert "<script>alert" not in index and "&lt;script&gt;alert(1)" in index  # document text escaped
     links = re.findall(r'<li><a href="([^"]+)">document (\d+)</a>', index)
-    assert [int(n) for _, n in links] == list(range(len(DOCS)))
+    assert [int(n) for _, n in links] == [0, 2, 3]  # document 1 has no tokens: listed, without a page
+    assert "<li><span>document 1</span>" in index
     feats = load_extracted(extraction)  # the reference: every document assembled from the shards
     for href, n in links:
         row = int(n)
         ids = feats.token_ids[row][feats.mask[row]].tolist()
-        if not ids:
-            assert href == "#"  # a document without tokens has no page
-            continue
         data = page(out.parent / href)
         assert [t["id"] for t in data["tokens"]] == ids
         assert data["stats"]  # labels: the extraction's statistics were found
+    # in a browser: every document listed with its text (the hostile one as text), each link opens a page
+    dom = run_chromium("--dump-dom", out.resolve().as_uri())
+    assert dom.count("<li>") == len(DOCS) and "alert(1)&lt;/script&gt;" in dom and "<script>alert" not in dom
+    linked = run_chromium("--dump-dom", (out.parent / links[0][0]).resolve().as_uri())
+    shown = [int(t) for t in re.findall(r'class="tok[^"]*" data-t="(\d+)"', linked)]
+    assert shown == list(range(len(DOCS[0])))  # document 0's page shows each of its tokens once
     one = tmp_path / "one.html"
     assert cli.main(["view", str(extraction), "--html", str(one), "--row", "2"]) == 0
     assert [t["id"] for t in page(one)["tokens"]] == feats.token_ids[2][feats.mask[2]].tolist()

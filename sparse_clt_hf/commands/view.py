@@ -72,10 +72,12 @@ def _snippet(tokenizer: Any, ids: list[int]) -> str:
 
 
 def index_page(title: str, rows: list[dict[str, Any]], note: str) -> str:
-    """A self-contained list of documents (every text escaped), each linking to its page."""
+    """A self-contained list of documents (every text escaped), each linking to its page (a document
+    without tokens has none)."""
     items = "\n".join(
-        f'<li><a href="{html.escape(r["href"], quote=True)}">document {r["row"]}</a> '
-        f'<span class="n">{r["tokens"]} tokens</span> <span class="t">{html.escape(r["text"])}</span></li>'
+        (f'<li><a href="{html.escape(r["href"], quote=True)}">document {r["row"]}</a> ' if r["href"] else
+         f'<li><span>document {r["row"]}</span> ')
+        + f'<span class="n">{r["tokens"]} tokens</span> <span class="t">{html.escape(r["text"])}</span></li>'
         for r in rows)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 feats.to_html(page, tokenizer, stats=stats, row=row, title=f"{path.name}: document {row}")
                 written.append(str(page))
             rows.append({"row": row, "tokens": len(ids), "text": _snippet(tokenizer, ids) if ids else "(no tokens)",
-                         "href": f"{pages.name}/{page.name}" if mask.any() else "#"})
+                         "href": f"{pages.name}/{page.name}" if mask.any() else None})
         note = (f"{n_rows} documents" + (f"; the first {shown} have pages (--max-docs)" if shown < n_rows else "")
                 + ("; labels from the feature statistics" if stats is not None else
                    "; no feature statistics, so no labels (`sparse-clt-hf stats DIR` computes them)"))
