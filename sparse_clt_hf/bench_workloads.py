@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .attach import attach_clt
+from .bench_options import COLUMNS
 from .models import random_model
 from .sites import find_decoder_layers, hidden_size
 from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, dtype_name
@@ -73,7 +74,6 @@ class Settings:
     )
 
 
-COLUMNS = ("clt", "clt_w1", "hidden", "static")
 QUICK = Settings(widths=[256], batches=[2], new_tokens=[8], prompt=8, top_k=8, reps=1,
                  columns=list(COLUMNS), prefill=64, kernel_rows=[128], kernel_shapes=[(64, 256)], calls=3,
                  scaling={"layers": [1, 4], "width": [128, 256], "batch": [1, 2], "new_tokens": [4, 16]})

@@ -24,12 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .features import Features
 from .models import SMOLLM2_NAME, load_model, smollm2_gguf  # noqa: F401  (load_model, smollm2_gguf: re-exported)
+
+if TYPE_CHECKING:  # torch loads when a function needs it: `sparse-clt-hf demo --help` answers at once
+    import torch
+
+    from .features import Features
 
 SMOLLM2_DIMS = (576, 30)  # hidden size and layers of the default model (checked before it loads)
 
@@ -297,9 +299,14 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
     """Greedy generation with the transcoder attached: ``(sequence [S], prompt_len, Features, seconds)``.
 
     ``steer``: ``{"layer", "feature", "value", "mode"}`` dicts passed to :meth:`CLTAttachment.steer`."""
+    import torch
+
     from .attach import attach_clt
 
     enc = chat_input(tokenizer, prompt, chat)
+    device = getattr(model, "device", None)  # where --device/--device-map put it (the first layer's device)
+    if device is not None:
+        enc = {k: v.to(device) for k, v in enc.items()}
     with attach_clt(model, transcoder, top_k=top_k, layers=layers) as clt:
         for s in steer or []:
             clt.steer(s["layer"], s["feature"], s["value"], mode=s.get("mode", "clamp"))
@@ -308,7 +315,7 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
                                   pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
     sequences = out if torch.is_tensor(out) else out.sequences
-    return sequences[0], enc["input_ids"].shape[1], feats, seconds
+    return sequences[0].cpu(), enc["input_ids"].shape[1], feats, seconds
 
 
 def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,

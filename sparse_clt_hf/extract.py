@@ -321,6 +321,7 @@ def extract(
     finally:
         clt.detach()
     state.wait_for_everyone()
+    per_process = _gather_counts(state, totals)
     if state.is_main_process:
         shards = []
         for i in range(totals["n_shards"]):
@@ -335,9 +336,35 @@ def extract(
         if progress:
             log(f"extracted {source.n_documents} documents, {totals['n_tokens']} tokens, "
                 f"{totals['n_shards']} shards ({manifest['bytes'] / 2**20:.1f} MiB) -> {out}; "
-                f"{totals['computed']} shards computed by this process, {totals['skipped']} reused")
+                f"{shard_summary(per_process)}")
     state.wait_for_everyone()
     return read_manifest(out)
+
+
+def _gather_counts(state, totals: dict[str, int]) -> list[dict[str, int]]:
+    """Every process's ``computed``/``skipped`` shard counts, in rank order (a collective: all call it)."""
+    mine = {"computed": totals["computed"], "skipped": totals["skipped"]}
+    if state.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([mine]))
+
+
+def shard_summary(per_process: list[dict[str, int]]) -> str:
+    """``"5 shards computed (3 + 2 by 2 processes), 0 reused"``: the totals of all processes, and which
+    processes had nothing to do (fewer shards than processes: smaller ``--shard-size`` spreads the work)."""
+    computed = sum(c["computed"] for c in per_process)
+    skipped = sum(c["skipped"] for c in per_process)
+    text = f"{computed} shards computed"
+    if len(per_process) > 1:
+        text += f" ({' + '.join(str(c['computed']) for c in per_process)} by {len(per_process)} processes)"
+    text += f", {skipped} reused"
+    idle = [rank for rank, c in enumerate(per_process) if c["computed"] + c["skipped"] == 0]
+    if idle and len(per_process) > 1:
+        text += (f"; process{'es' if len(idle) > 1 else ''} {', '.join(map(str, idle))} had no shard (fewer shards "
+                 "than processes: a smaller --shard-size spreads the work)")
+    return text
 
 
 def _run_shards(model, clt, source: DataSource, tokenizer, out: Path, state, *, seq_len: int, batch_size: int,
@@ -346,7 +373,8 @@ def _run_shards(model, clt, source: DataSource, tokenizer, out: Path, state, *, 
     from tqdm.auto import tqdm
 
     rank, world = state.process_index, state.num_processes
-    bar = tqdm(total=source.n_documents, unit="doc", desc="extract", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=source.n_documents, unit="doc", desc="extract", disable=None if progress else True,  # None: only on a terminal
+               dynamic_ncols=True)
     started = time.perf_counter()
     counts = {"n_windows": 0, "n_tokens": 0, "n_shards": 0, "computed": 0, "skipped": 0}
     pending: list[Window] = []

@@ -84,7 +84,7 @@ def corpus_stats(
         cfg = getattr(transcoder, "config", None)
         top_k = int(getattr(cfg, "k", None) or 32)
     device = next(model.parameters()).device
-    bar = tqdm(total=ids.shape[0], desc="feature statistics", unit="seq", disable=not progress)
+    bar = tqdm(total=ids.shape[0], desc="feature statistics", unit="seq", disable=None if progress else True)  # None: only on a terminal
     try:
         with attach_clt(model, transcoder, top_k=top_k) as clt:
             for start in range(0, ids.shape[0], batch_size):

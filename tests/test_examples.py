@@ -66,3 +66,13 @@ def test_steering(load_example, capsys):
     assert result["steered_ids"] != result["plain_ids"]
     out = capsys.readouterr().out
     assert "plain:" in out and "steered:" in out and "clamped to" in out
+
+
+def test_examples_are_short_by_default_with_a_long_version(load_example):
+    """About a minute on a laptop CPU by default (the decode example used to generate 4 x 1024 tokens, over
+    5 minutes, with no progress); the long runs are a flag away."""
+    decode = load_example("decode_memory")
+    assert decode.options([]).new <= 128 and decode.options(["--long"]).new == 1024
+    assert decode.options(["--long", "--new", "7"]).new == 7
+    train = load_example("train_and_save")
+    assert train.SHORT["tokens"] * train.SHORT["epochs"] <= 30_000 < train.LONG["tokens"]

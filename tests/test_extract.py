@@ -152,15 +152,29 @@ def test_two_processes_give_the_same_output(setup, reference_run, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     start = time.perf_counter()
+    # the two-process run with progress on (no terminal here: no bar, only the closing summary line)
+    with_progress = [a for a in extract_args(setup, two) if a != "--no-progress"]
     for cmd in ([sys.executable, "-m", "sparse_clt_hf", *extract_args(setup, one)],
-                [*launch, "-m", "sparse_clt_hf", *extract_args(setup, two)]):
+                [*launch, "-m", "sparse_clt_hf", *with_progress]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((one / "manifest.json").read_text())["world_size"] == 1
-    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2, "accelerate started one process"
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["world_size"] == 2, "accelerate started one process"
+    # the summary counts the shards of both processes (it used to say rank 0's only), and no bar was drawn
+    n = manifest["n_shards"]
+    assert f"{n} shards computed ({(n + 1) // 2} + {n // 2} by 2 processes), 0 reused" in proc.stderr, proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
     assert_same_output(one, two)
     assert_same_output(one, reference_run, bitwise=False)
     print(f"1- and 2-process extract: {time.perf_counter() - start:.1f} s")
+
+
+def test_shard_summary_reports_every_process_and_the_idle_ones():
+    one = extract_mod.shard_summary([{"computed": 3, "skipped": 1}])
+    assert one == "3 shards computed, 1 reused"
+    two = extract_mod.shard_summary([{"computed": 1, "skipped": 0}, {"computed": 0, "skipped": 0}])
+    assert two.startswith("1 shards computed (1 + 0 by 2 processes), 0 reused; process 1 had no shard")
 
 
 def test_interrupted_run_resumes_to_the_same_output(setup, reference_run, tmp_path, monkeypatch):

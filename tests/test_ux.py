@@ -15,6 +15,7 @@ from tiny_models import tiny_model
 
 from sparse_clt_hf import Features, cli, training
 from sparse_clt_hf import demo as demo_mod
+from sparse_clt_hf import models as models_mod
 from sparse_clt_hf.feature_stats import FeatureStats, feature_stats
 from sparse_clt_hf.labels import TOKENIZER_DIR, corpus_stats, marked_context, parse_feature, save_stats
 from sparse_clt_hf.view import DATA_ID, feature_label
@@ -46,7 +47,7 @@ def demo_env(tiny_demo, monkeypatch):
     calls: list = []
     monkeypatch.setattr(demo_mod, "DEMO_TRAINING", {**demo_mod.DEMO_TRAINING, **TINY_DEMO})
     monkeypatch.setattr(demo_mod, "DEMO_STATS", {**demo_mod.DEMO_STATS, **TINY_STATS})
-    monkeypatch.setattr(demo_mod, "load_model", lambda ref=None: calls.append(ref) or (model, tok, "tiny"))
+    monkeypatch.setattr(models_mod, "load_model", lambda ref=None, **kw: calls.append(ref) or (model, tok, "tiny"))
     monkeypatch.setenv(demo_mod.DEMO_ENV, str(folder))
     return model, tok, folder, calls
 
@@ -177,7 +178,7 @@ def test_explain_defaults_to_the_demo_transcoder(demo_env, capsys):
 
 def test_explain_without_a_fitted_demo_transcoder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(demo_mod.DEMO_ENV, str(tmp_path / "none"))
-    monkeypatch.setattr(demo_mod, "load_model", lambda ref=None: pytest.fail("model loaded"))
+    monkeypatch.setattr(models_mod, "load_model", lambda ref=None, **kw: pytest.fail("model loaded"))
     assert main(["explain", "6/942"]) == 1
     assert "run `sparse-clt-hf demo` once" in capsys.readouterr().err
 
@@ -199,7 +200,7 @@ def test_parse_feature_and_marked_context():
 # ---------------------------------------------------------------------------- before the model loads
 @pytest.fixture
 def no_model_load(monkeypatch):
-    monkeypatch.setattr(demo_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def test_bad_options_fail_before_the_model_loads(tmp_path, no_model_load, capsys):
@@ -289,9 +290,15 @@ def test_help_shows_defaults_and_every_option_has_help(capsys):
 class RecordingBar:
     made: list[RecordingBar] = []
 
+    open_now = 0
+    most_open = 0
+
     def __init__(self, iterable=None, total=None, desc=None, unit="it", disable=False, **kwargs):
         self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, {}
+        self.disable, self.closed = disable, False
         RecordingBar.made.append(self)
+        RecordingBar.open_now += 1
+        RecordingBar.most_open = max(RecordingBar.most_open, RecordingBar.open_now)
 
     def update(self, n=1):
         self.n += n
@@ -306,7 +313,9 @@ class RecordingBar:
         pass
 
     def close(self):
-        pass
+        if not self.closed:
+            self.closed = True
+            RecordingBar.open_now -= 1
 
     def __enter__(self):
         return self
@@ -316,20 +325,30 @@ class RecordingBar:
 
 
 def test_training_has_one_bar_per_phase(monkeypatch):
-    RecordingBar.made = []
+    """One bar on the screen at a time (two open bars are nested: tqdm moves the cursor between them,
+    which leaves escape codes in a log), each phase labelled with its buffer fill; and no bar at all off
+    a terminal (tqdm's ``disable=None``)."""
+    RecordingBar.made, RecordingBar.open_now, RecordingBar.most_open = [], 0, 0
     monkeypatch.setattr(training, "tqdm", RecordingBar)
     cfg = training.TrainingConfig(layers=[0, 1], n_features=64, k=4, span=2, tokens=1500, eval_tokens=300,
                                   seq_len=64, batch_size=256, epochs=1, aux_k=4, model_batch=4, buffer_mb=1e-4,
                                   dead_tokens=10)
     _, metrics = training.train_transcoder(tiny_model("llama"), char_tokenizer(), training.python_texts(), cfg)
-    bars = {b.desc: b for b in RecordingBar.made}
-    assert list(bars) == ["collect activations", "train transcoder", "held-out eval"]
+    assert RecordingBar.most_open == 1 and RecordingBar.open_now == 0
+    descs = [b.desc for b in RecordingBar.made]
+    fills = len(descs) // 2
+    assert fills > 1, descs  # several buffer fills: the case where two bars used to be open at once
+    assert descs == [f"{phase} {i}/{fills}" for i in range(1, fills + 1)
+                     for phase in ("collect activations", "train transcoder")] + ["held-out eval"]
+    collect = [b for b in RecordingBar.made if b.desc.startswith("collect")]
+    train = [b for b in RecordingBar.made if b.desc.startswith("train")]
     n_train, n_eval = -(-1500 // 63), -(-300 // 63)
-    assert (bars["collect activations"].unit, bars["collect activations"].total) == ("seq", n_train)
-    assert (bars["train transcoder"].unit, bars["train transcoder"].total) == ("step", metrics["steps"])
-    assert (bars["held-out eval"].unit, bars["held-out eval"].total) == ("seq", n_eval)
-    assert all(b.n == b.total for b in bars.values())  # every counter ends full
-    dead, total = bars["train transcoder"].postfix["dead"].split("/")
+    assert {b.unit for b in collect} == {"seq"} and sum(b.total for b in collect) == n_train
+    assert {b.unit for b in train} == {"step"} and sum(b.total for b in train) == metrics["steps"]
+    assert (RecordingBar.made[-1].unit, RecordingBar.made[-1].total) == ("seq", n_eval)
+    assert all(b.n == b.total for b in RecordingBar.made)  # every counter ends full
+    assert all(b.disable is None for b in RecordingBar.made)  # progress on: drawn on a terminal only
+    dead, total = train[-1].postfix["dead"].split("/")
     assert int(total) == 2 * 64 and 0 <= int(dead) <= 128  # dead counts all layers: out of all their features
     assert "dead (of 64)" in training.format_metrics(metrics)
 

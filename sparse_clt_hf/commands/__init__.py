@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sparse_clt_hf.commands.bench", "measure capture overhead, memory and encode speed"),
     "extract": ("sparse_clt_hf.commands.extract", "extract transcoder features over a corpus into resumable shards"),
     "stats": ("sparse_clt_hf.commands.stats", "per-feature statistics and max-activating contexts of an extraction"),
+    "view": ("sparse_clt_hf.commands.view",
+             "write the HTML page of saved features (a features file or an extraction folder)"),
     "explain": ("sparse_clt_hf.commands.explain",
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
 }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .. import bench
+from ..bench_options import add_bench_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    bench.add_bench_arguments(parser)
+    add_bench_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import bench
+
     return bench.run_bench(args)

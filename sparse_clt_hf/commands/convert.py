@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..transcoder import CrossLayerTranscoder
 from ._options import add_ref_options, layers_arg, resolve_arg
 
 
@@ -18,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..transcoder import CrossLayerTranscoder
+
     tc = CrossLayerTranscoder.from_pretrained(
         resolve_arg(args.src, args),
         layers=layers_arg(args.layers),

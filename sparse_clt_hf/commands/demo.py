@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import demo
-from ..training import format_metrics
-from ._options import add_generation_options
+from .. import demo  # light: torch loads when a function of it runs
+from ._options import add_generation_options, add_model_options, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,31 +18,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"transcoder to use instead of the cached demo one (default: ${demo.DEMO_ENV} or the cache)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars while fitting the demo transcoder and its statistics")
+    add_model_options(parser)
+
+
+def demo_transcoder(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Path, str, Any, Any, dict[str, Any]]:
+    """The demo transcoder for ``model``, fitted (and its statistics computed) on first use:
+    ``(folder, note for the report, statistics or None, Description, report extras)``."""
+    from ..formats import describe
+    from ..training_config import format_metrics
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    progress = not (getattr(args, "no_progress", False) or args.json)
+    extra: dict[str, Any] = {"demo_transcoder": True}
+    clt, metrics = demo.ensure_demo_transcoder(model, tokenizer, progress=progress, log=log)
+    if metrics is not None:
+        log(format_metrics(metrics))
+        extra["trained"] = {k: metrics[k] for k in ("fvu", "l0", "dead", "tokens", "train_seconds")}
+        note = "the demo transcoder, fitted just now"
+    else:
+        note = "the cached demo transcoder, fitted on first use; delete the folder to refit"
+    stats = None
+    if args.stats is None:
+        stats = demo.ensure_demo_stats(model, tokenizer, clt, progress=progress, log=log)
+    return clt, note, stats, describe(str(clt)), extra
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import describe
     from ..labels import find_stats
 
     start = time.perf_counter()
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     desc = demo.preflight(args, args.clt)  # a bad --clt/--stats/--html fails before the model loads
-    model, tokenizer, _ = demo.load_model(None)
+    model, tokenizer, _ = load_model(args, None)
     extra: dict[str, Any] = {}
     clt, note, stats = args.clt, "", None
     if clt is None:
-        progress = not (args.no_progress or args.json)
-        clt, metrics = demo.ensure_demo_transcoder(model, tokenizer, progress=progress, log=log)
-        if metrics is not None:
-            log(format_metrics(metrics))
-            extra["trained"] = {k: metrics[k] for k in ("fvu", "l0", "dead", "tokens", "train_seconds")}
-            note = "the demo transcoder, fitted just now"
-        else:
-            note = "the cached demo transcoder, fitted on first use; delete the folder to refit"
-        if args.stats is None:
-            stats = demo.ensure_demo_stats(model, tokenizer, clt, progress=progress, log=log)
-        desc = describe(str(clt))
-        extra["demo_transcoder"] = True
+        clt, note, stats, desc, extra = demo_transcoder(args, model, tokenizer)
     if stats is None:
         stats = find_stats(clt if Path(str(clt)).is_dir() else None, args.stats)
     extra["transcoder"] = str(clt)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._options import add_model_options, find_tokenizer, load_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("feature", help="LAYER/FEATURE as the demo prints it, e.g. 6/942 or L6/942")
@@ -22,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model whose tokenizer decodes the contexts (default: the tokenizer saved next to the "
                              "statistics, else the model they name, else SmolLM2)")
     parser.add_argument("--contexts", type=int, default=10, help="max-activating contexts shown (at most those stored)")
+    add_model_options(parser)  # the model runs only to compute the demo transcoder's statistics once
 
 
-def _demo_stats(progress: bool, log) -> tuple[Any, Path]:
+def _demo_stats(args: argparse.Namespace, progress: bool, log) -> tuple[Any, Path]:
     """The demo transcoder's statistics, computed once (this loads the model) when missing."""
     from .. import demo
     from ..feature_stats import FeatureStats
@@ -37,34 +40,8 @@ def _demo_stats(progress: bool, log) -> tuple[Any, Path]:
         )
     if stats_path(folder).is_file():
         return FeatureStats.load(stats_path(folder)), folder
-    model, tokenizer, _ = demo.load_model(None)
+    model, tokenizer, _ = load_model(args, None)
     return demo.ensure_demo_stats(model, tokenizer, folder, progress=progress, log=log), folder
-
-
-def _tokenizer(args: argparse.Namespace, folders: list[Path]):
-    """``--model``'s tokenizer, else one saved next to the statistics, else the model they name."""
-    from ..labels import TOKENIZER_DIR
-    from ..models import load_tokenizer
-
-    if args.model is not None:
-        return load_tokenizer(args.model)
-    for folder in folders:
-        if (folder / TOKENIZER_DIR).is_dir():
-            return load_tokenizer(str(folder / TOKENIZER_DIR))
-    for folder in folders:
-        for name, key in (("manifest.json", "model"), ("config.yaml", "model_name")):
-            path = folder / name
-            if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                if name.endswith(".json"):
-                    model = json.loads(text).get(key)
-                else:
-                    import yaml
-
-                    model = (yaml.safe_load(text) or {}).get(key)
-                if model:
-                    return load_tokenizer(model)
-    return load_tokenizer(None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
             )
         stats, where, folders = FeatureStats.load(stats_path(folder)), stats_path(folder), [folder]
     else:
-        stats, folder = _demo_stats(progress=not args.json, log=log)
+        stats, folder = _demo_stats(args, progress=not args.json, log=log)
         where, folders = stats_path(folder), [folder]
     if layer not in stats.layers:
         raise ValueError(f"layer {layer} has no statistics in {where}; layers: {stats.layers}")
     width = stats.n_features[stats.layers.index(layer)]
     if not 0 <= feature < width:
         raise ValueError(f"feature {feature} out of range: layer {layer} has {width} features (0..{width - 1})")
-    tokenizer = _tokenizer(args, folders)
+    tokenizer = find_tokenizer(args.model, folders)
     summary = feature_summary(stats, layer, feature)
     contexts = stats.top_contexts(layer, feature)[: max(0, args.contexts)]
     label = [tokenizer.decode([t]) for t in stats.top_tokens(layer, feature, 3)]

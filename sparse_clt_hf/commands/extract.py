@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._options import add_model_options, model_load_kwargs, resolve_device
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model id, folder or .gguf file (default: SmolLM2)")
@@ -26,11 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows per shard (default: as many as fit 256 MiB of features, a multiple of the batch size)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl record / dataset column holding the text")
     p.add_argument("--split", default="train", help="split of a `datasets` dataset")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: as saved)")
-    p.add_argument("--device-map", default=None,
-                   help="load the model with this device_map (e.g. 'auto' to split it across GPUs; one process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)  # the device: each accelerate process's own (--device must agree); --device-map: one process
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,15 +42,21 @@ def run(args: argparse.Namespace) -> int:
 
     from ..extract import _partial_state, extract, open_data
     from ..models import load_model
-    from ..training import parse_layers
+    from ..training_config import parse_layers
 
     layers = parse_layers(args.layers) if args.layers else None
     # cheap checks first: a bad --data fails before the model is loaded
     source = open_data(args.data, field=args.text_field, max_docs=args.max_docs, split=args.split)
     state = _partial_state()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    wanted = resolve_device(args)
+    if args.device is not None and torch.device(wanted).type != state.device.type:
+        raise ValueError(f"--device {args.device}: extract runs on each process's device, here {state.device} "
+                         "(hide the GPUs with CUDA_VISIBLE_DEVICES= to extract on the cpu)")
+    kwargs = model_load_kwargs(args)
+    if args.device_map is None:
+        kwargs.pop("device_map", None)  # loaded on the cpu; extract() moves it to this process's device
     with state.main_process_first():  # one download per machine
-        model, tokenizer, name = load_model(args.model, dtype=dtype, device_map=args.device_map)
+        model, tokenizer, name = load_model(args.model, **kwargs)
     manifest = extract(model, tokenizer, args.clt, source, args.out, layers=layers, top_k=args.top_k,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_docs=args.max_docs,
                        shard_size=args.shard_size, text_field=args.text_field, split=args.split,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..formats import describe
 from ._options import add_ref_options, layers_arg, resolve_arg
 
 
@@ -27,6 +26,8 @@ def human_bytes(n: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..formats import describe
+
     desc = describe(
         resolve_arg(args.ref, args), format=args.format, variant=args.variant, layers=layers_arg(args.layers)
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io.push import push_folder
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="native transcoder folder (see `convert`)")
@@ -18,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.push import push_folder
+
     url = push_folder(
         args.dir,
         args.repo,

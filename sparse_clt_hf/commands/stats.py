@@ -1,10 +1,15 @@
 """``sparse-clt-hf stats DIR``: per-feature frequency, mean/max activation and top contexts of an
-extraction, saved as ``DIR/stats.safetensors``."""
+extraction, saved as ``DIR/stats.safetensors``; the most frequent features are printed with their labels
+(the tokens they fire on most strongly)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+from ._options import find_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,13 +17,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-n", type=int, default=10, help="max-activating contexts kept per feature")
     p.add_argument("--context", type=int, default=8, help="tokens kept either side of each context's position")
     p.add_argument("--show", type=int, default=5, help="most frequent features printed per layer")
+    p.add_argument("--model", default=None,
+                   help="model whose tokenizer decodes the labels (default: the extraction's model)")
+
+
+def _tokenizer(args: argparse.Namespace, folder: Path):
+    """The extraction's tokenizer, or None (with a warning) when it cannot be loaded: labels are then token ids."""
+    try:
+        return find_tokenizer(args.model, [folder])
+    except Exception as exc:  # noqa: BLE001 - the statistics are computed and saved either way
+        print(f"warning: no tokenizer for the labels ({type(exc).__name__}: {exc}); showing token ids "
+              "(pass --model)", file=sys.stderr)
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
     from ..feature_stats import STATS_FILE, feature_stats
 
-    stats = feature_stats(args.dir, top_n=args.top_n, context=args.context)
-    summary = {"stats": f"{args.dir}/{STATS_FILE}", "n_positions": stats.n_positions, "layers": []}
+    folder = Path(args.dir)
+    stats = feature_stats(folder, top_n=args.top_n, context=args.context)
+    tokenizer = _tokenizer(args, folder)
+
+    def label(layer: int, feature: int) -> list[str] | list[int]:
+        ids = [int(i) for i in stats.top_tokens(layer, feature, 3)]
+        return [tokenizer.decode([i]) for i in ids] if tokenizer is not None else ids
+
+    summary = {"stats": str(folder / STATS_FILE), "n_positions": stats.n_positions, "layers": []}
     for layer in stats.layers:
         freq = stats.frequency(layer)
         top = freq.argsort(descending=True, stable=True)[: args.show].tolist()
@@ -29,15 +53,22 @@ def run(args: argparse.Namespace) -> int:
             "mean_frequency": round(float(freq.mean()), 6),
             "most_frequent": [{"feature": f, "frequency": round(float(freq[f]), 6),
                                "mean": round(float(stats.mean(layer)[f]), 4),
-                               "max": round(float(stats.max(layer)[f]), 4)} for f in top],
+                               "max": round(float(stats.max(layer)[f]), 4),
+                               "label": label(layer, f)} for f in top],
         })
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"{stats.n_positions} positions; saved {summary['stats']}")
     for entry in summary["layers"]:
-        shown = "  ".join(f"{f['feature']}: {f['frequency']:.4f} (mean {f['mean']:.2f}, max {f['max']:.2f})"
-                          for f in entry["most_frequent"])
-        print(f"layer {entry['layer']}: {entry['alive']}/{entry['n_features']} features fired; "
-              f"most frequent: {shown}")
+        print(f"layer {entry['layer']}: {entry['alive']}/{entry['n_features']} features fired; most frequent "
+              "(feature: frequency, mean and max activation, top tokens):")
+        for f in entry["most_frequent"]:
+            print(f"  L{entry['layer']}/{f['feature']}: {f['frequency']:.4f} (mean {f['mean']:.2f}, "
+                  f"max {f['max']:.2f})  {f['label']!r}")
+    if summary["layers"]:
+        entry = summary["layers"][0]
+        if entry["most_frequent"]:
+            print(f"Next: `sparse-clt-hf explain {entry['layer']}/{entry['most_frequent'][0]['feature']} --stats "
+                  f"{folder}` shows a feature's contexts; `sparse-clt-hf view {folder} --html view.html` the documents.")
     return 0

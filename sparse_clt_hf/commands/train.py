@@ -5,16 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..models import load_model
-from ..training import (
-    TRAINABLE_ACTIVATIONS,
-    TRANSFORMS,
-    TrainingConfig,
-    format_metrics,
-    parse_layers,
-    text_source,
-    train_transcoder,
-)
+from ..training_config import TRAINABLE_ACTIVATIONS, TRANSFORMS, TrainingConfig, format_metrics, parse_layers
+from ._options import add_model_options, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed (initialisation, shuffling)")
     parser.add_argument("--out", required=True, help="folder to write the transcoder to (native format)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``sparse-clt-hf train``: fit, save to ``--out``, print the metrics."""
-    model, tokenizer, name = load_model(args.model)
+    """``sparse-clt-hf train``: fit, save to ``--out``, print the metrics (the model runs where the model
+    options say; the transcoder is fitted on the cpu, on float32 activations)."""
+    from ..training import text_source, train_transcoder
+
+    model, tokenizer, name = load_model(args, args.model)
     cfg = TrainingConfig(
         layers=parse_layers(args.layers), n_features=args.width, k=args.k, span=args.span,
         activation=args.activation, input_site=args.input_site, output_site=args.output_site,

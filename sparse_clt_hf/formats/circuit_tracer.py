@@ -16,6 +16,7 @@ optional input tensors ``norm_weight``/``norm_bias``/``pre_bias`` (suffixed ``_{
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,25 @@ def _base_config(v: ConfigValues, encoders: dict[int, LayerEncoder], layers: lis
     )
 
 
-def _expected_layers(v: ConfigValues, available: list[int], clt: bool) -> list[int] | None:
-    """Layers the config promises: its ``layers`` list, else a CLT's ``0..n_layers-1`` (or up to its last file)."""
+def _expected_layers(source: FileSource, v: ConfigValues, available: list[int], clt: bool,
+                     wanted: list[int] | None) -> list[int] | None:
+    """Layers the config promises: its ``layers`` list, else ``0..n_layers-1`` when it declares ``n_layers``,
+    else a CLT's ``0..`` its last file (a missing file among them is an error in :func:`choose_layers`).
+    A PLT that declares neither and has a gap between its layer files (``layer_0``, ``layer_2``) loads
+    the files it has, with a warning naming the missing layers, when all layers are asked for."""
     listed = v.int_list("layers")
     if listed is not None:
         return listed
+    n = v.int("n_layers", minimum=1)
+    if n is not None:
+        return list(range(n))
     if clt:
-        n = v.int("n_layers", minimum=1)
-        return list(range(n if n is not None else max(available, default=-1) + 1))
+        return list(range(max(available, default=-1) + 1))
+    gaps = sorted(set(range(available[0], available[-1] + 1)) - set(available)) if available else []
+    if gaps and wanted is None:
+        warnings.warn(f"{source.name}: no layer file for layers {gaps} between layers {available[0]} and "
+                      f"{available[-1]}, and config.yaml lists no layers (nor n_layers): using layers {available}",
+                      UserWarning, stacklevel=4)
     return None
 
 
@@ -175,7 +187,7 @@ def _load_clt(source: FileSource, v: ConfigValues, layers: list[int] | None, dec
     else:
         available = sorted(int(m.group(1)) for f in source.list_files() if (m := _CLT_FILE.match(f)))
     n_layers = v.int("n_layers", minimum=1) or len(available)
-    chosen = choose_layers(source, available, layers, "weights", _expected_layers(v, available, clt=True))
+    chosen = choose_layers(source, available, layers, "weights", _expected_layers(source, v, available, True, layers))
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         if listed:
@@ -227,7 +239,7 @@ def _plt_files(source: FileSource, v: ConfigValues) -> dict[int, tuple[FileSourc
 
 def _load_plt(source: FileSource, v: ConfigValues, layers: list[int] | None, decoders: bool):
     files = _plt_files(source, v)
-    chosen = choose_layers(source, sorted(files), layers, "weights", _expected_layers(v, sorted(files), clt=False))
+    chosen = choose_layers(source, sorted(files), layers, "weights", _expected_layers(source, v, sorted(files), False, layers))
     encoders: dict[int, LayerEncoder] = {}
     for i in chosen:
         src, name = files[i]
@@ -368,7 +380,7 @@ def describe(source: FileSource, layers: list[int] | None = None, *, variant: st
         dec_files = []
     if not available:
         raise TranscoderFormatError(f"{source.name}: config.yaml found but no per-layer weight files")
-    chosen = choose_layers(source, available, layers, "weights", _expected_layers(v, available, kind == CLT_KIND))
+    chosen = choose_layers(source, available, layers, "weights", _expected_layers(source, v, available, kind == CLT_KIND, layers))
     widths, d_model, dtype, thresholds, notes, skip = [], None, None, [], [], False
     for i in chosen:
         src, fname, w_name, thr_name = targets[i]
