@@ -21,14 +21,20 @@ from sparse_clt_hf.attribution.graph import AttributionGraph
 from sparse_clt_hf.attribution.graph_json import graph_to_json_dict
 
 attribute = getattr(sparse_clt_hf, "attribute", None)
-pytestmark = pytest.mark.skipif(attribute is None, reason="sparse_clt_hf.attribute is not implemented yet")
+pytestmark = [
+    pytest.mark.skipif(attribute is None, reason="sparse_clt_hf.attribute is not implemented yet"),
+    pytest.mark.filterwarnings("ignore:transcoder was trained on"),  # the fixtures' model_name is not a Hub id
+]
 
 RTOL = 1e-4  # adjacency: relative to the largest entry of the matrix (fp32 on both sides)
 
 
 @cache
-def _model(case: str) -> torch.nn.Module:
-    return tf.AutoModelForCausalLM.from_pretrained(load_reference(case).model_dir, dtype=torch.float32).eval()
+def _model(case: str, attn_implementation: str | None = None) -> torch.nn.Module:
+    folder = load_reference(case).model_dir
+    return tf.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=attn_implementation
+    ).eval()
 
 
 @cache
@@ -139,3 +145,13 @@ def test_max_feature_nodes_same_choice_and_rows(case: str) -> None:
     replacement, completeness = graph.scores()
     assert replacement == pytest.approx(ref.run["replacement_score"], rel=1e-4)
     assert completeness == pytest.approx(ref.run["completeness_score"], rel=1e-4)
+
+
+def test_eager_attention_gives_circuit_tracers_graph_too() -> None:
+    """circuit-tracer runs eager attention; ours freezes whatever implementation the model was loaded with."""
+    case = CASES[0]
+    ref = load_reference(case)
+    graph = attribute(_model(case, "eager"), str(ref.transcoder_dir), ref.tokens.tolist())
+    assert graph.features.tolist() == ref.active_features.tolist()
+    scale = ref.adjacency.abs().max().item()
+    assert (graph.to_dense().float() - ref.adjacency).abs().max().item() <= RTOL * scale
