@@ -274,12 +274,51 @@ def run_case(case: Case, out: Path) -> dict:
     return meta
 
 
+def time_only(out: Path, names: list[str] | None, repeats: int, threads: int) -> dict:
+    """Seconds per graph of circuit-tracer on the existing fixtures (nothing rewritten): median and min."""
+    from circuit_tracer import ReplacementModel, attribute
+
+    torch.set_num_threads(threads)
+    result = {}
+    for case in CASES:
+        if names and case.name not in names:
+            continue
+        root = out / case.name
+        meta = json.loads((root / "reference.json").read_text(encoding="utf-8"))
+        ids = torch.tensor(meta["prompt_ids"])
+        rm = ReplacementModel.from_pretrained_and_transcoders(
+            str(root / "model"), load_ct_transcoder(case, root / "transcoder"), backend="nnsight",
+            device=torch.device("cpu"), dtype=torch.float32,
+        )
+        for run in ("full", "topk"):
+            kw = {"max_feature_nodes": meta[run]["max_feature_nodes"], "batch_size": meta[run]["batch_size"]}
+            attribute(ids, rm, **kw)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                attribute(ids, rm, **kw)
+                times.append(time.perf_counter() - t)
+            times.sort()
+            result[f"{case.name}/{run}"] = {"median_s": times[len(times) // 2], "min_s": times[0]}
+            print(f"{case.name}/{run}: median {times[len(times) // 2] * 1e3:.1f} ms, min {times[0] * 1e3:.1f} ms")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/circuit_tracer")
     p.add_argument("--case", action="append", help="only these cases (default: all)")
+    p.add_argument("--time-only", action="store_true", help="only time circuit-tracer on the existing fixtures")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timings-out", type=Path, help="with --time-only: write the timings here as JSON")
     args = p.parse_args()
     torch.set_grad_enabled(True)
+    if args.time_only:
+        timings = time_only(args.out, args.case, args.repeats, args.threads)
+        if args.timings_out:
+            args.timings_out.write_text(json.dumps(timings, indent=1))
+        return
     for case in CASES:
         if args.case and case.name not in args.case:
             continue
