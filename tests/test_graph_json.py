@@ -3,6 +3,7 @@ against a hand-built graph whose ids, fields and links are spelled out here (no 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -61,6 +62,15 @@ def test_default_influence_is_circuit_tracers() -> None:
             assert node["influence"] is None
         else:
             assert node["influence"] == pytest.approx(want[node["node_id"]], rel=1e-5, abs=1e-7)
+
+
+def test_influence_recorded_by_pruning_is_used() -> None:
+    if "cumulative_scores" not in {f.name for f in dataclasses.fields(AttributionGraph)}:
+        pytest.skip("AttributionGraph does not record cumulative_scores yet")
+    graph = hand_graph()
+    graph.cumulative_scores = INFLUENCE.flip(0)
+    data = graph_to_json_dict(graph)
+    assert data["nodes"][0]["influence"] == pytest.approx(INFLUENCE.flip(0)[0].item())
 
 
 HOSTILE_TOKENS = ["<bos>", "</script><script>alert(1)</script>", 'q"b\\c\n\t\u2028\x00é', "\ud800lone"]

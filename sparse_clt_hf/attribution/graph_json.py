@@ -93,7 +93,11 @@ def _logit_strings(graph: AttributionGraph) -> list[str]:
 
 
 def _node_influence(graph: AttributionGraph, node_threshold: float, edge_threshold: float) -> torch.Tensor:
-    """[N] each node's cumulative influence rank (what circuit-tracer's JSON calls ``influence``)."""
+    """[N] each node's cumulative influence rank (what circuit-tracer's JSON calls ``influence``): the one pruning
+    recorded on the graph, else computed by pruning's influence."""
+    recorded = getattr(graph, "cumulative_scores", None)
+    if recorded is not None:
+        return recorded
     from .prune import prune
 
     result = prune(graph.adjacency, graph.row_nodes, graph.layout, graph.logit_probs, node_threshold, edge_threshold)
@@ -169,7 +173,7 @@ def graph_to_json_dict(
     ``node_mask`` / ``edge_mask``. ``scan`` names the transcoders (Neuronpedia needs it to find the features):
     default ``graph.meta["scan"]``, then ``graph.meta["transcoder"]``. ``labels`` maps (layer, feature id) to a
     feature's label, written into ``clerp``. ``influence`` ([N]) is each node's cumulative influence rank;
-    by default it is computed by pruning's influence (``prune.prune``).
+    by default the graph's ``cumulative_scores`` (set by ``prune``), else computed by pruning's influence.
     """
     if graph.node_mask is None or graph.edge_mask is None:
         graph = graph.prune(node_threshold, edge_threshold)
