@@ -155,3 +155,17 @@ def test_eager_attention_gives_circuit_tracers_graph_too() -> None:
     assert graph.features.tolist() == ref.active_features.tolist()
     scale = ref.adjacency.abs().max().item()
     assert (graph.to_dense().float() - ref.adjacency).abs().max().item() <= RTOL * scale
+
+
+@pytest.mark.parametrize("case", ["gemma2_plt_relu"])  # its logits include hostile strings
+def test_token_strings_and_logit_labels_as_circuit_tracer_decodes_them(case: str) -> None:
+    """With the tokenizer, the prompt tokens and the logit nodes' labels (hostile strings among them) match."""
+    ref = load_reference(case)
+    tokenizer = tf.AutoTokenizer.from_pretrained(ref.model_dir)
+    graph = attribute(_model(case), str(ref.transcoder_dir), ref.tokens.tolist(), tokenizer=tokenizer)
+    assert graph.token_strings == ref.meta["prompt_tokens"]
+    assert graph.logit_strings == ref.run["logit_strings"]
+    got = graph_to_json_dict(graph, slug=case, scan=ref.meta["scan"])
+    assert got["metadata"]["prompt_tokens"] == ref.graph_json["metadata"]["prompt_tokens"]
+    clerps = [(nd["node_id"], nd["clerp"]) for nd in got["nodes"] if nd["feature_type"] == "logit"]
+    assert clerps == [(nd["node_id"], nd["clerp"]) for nd in ref.graph_json["nodes"] if nd["feature_type"] == "logit"]
