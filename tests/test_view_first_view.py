@@ -6,6 +6,8 @@ chromium (skipped without it) with a script appended to the page that records wh
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import re
 
@@ -45,8 +47,6 @@ def probe(path, fragment: str = "", actions: str = "") -> dict[str, str]:
     path.write_text(text.replace("</body>", PROBE.replace("__ACTIONS__", actions)), encoding="utf-8")
     out = run_chromium("--dump-dom", path.resolve().as_uri() + fragment)
     body = re.search(r"<body[^>]*>", out).group(0)
-    import html
-
     attrs = {k: html.unescape(v) for k, v in re.findall(r'data-([a-z-]+)="([^"]*)"', body)}
     assert attrs.get("ready") == "1", "the page script did not finish"
     return attrs
@@ -67,7 +67,7 @@ def test_first_view_shading_varies_and_is_not_a_constant_l0(tmp_path, with_stats
     path = feats.to_html(tmp_path / "v.html", FakeTokenizer(), stats, sequences=seq, prompt_len=5)
     got = probe(path)
     assert got["errors"] == "none"
-    shades = [s for s in __import__("json").loads(got["shades"])]
+    shades = [s for s in json.loads(got["shades"])]
     assert len(set(shades)) >= 3, f"the first view is (nearly) one colour: {shades}"
     assert got["legend-min"] != got["legend-max"].split(" ")[0]
     modes = got["modes"].split(",")
@@ -88,7 +88,7 @@ def test_first_view_share_is_computed_from_the_stats(tmp_path):
     stats = FakeStats()
     path = feats.to_html(tmp_path / "v.html", FakeTokenizer(), stats, sequences=seq, prompt_len=5)
     got = probe(path, actions='rec("titles", JSON.stringify(toks.map(s => s.title)));')
-    titles = __import__("json").loads(got["titles"])
+    titles = json.loads(got["titles"])
     for t, title in enumerate(titles):
         expected = max(float(feats.values[0, t, li, j]) / float(stats.max(layer)[int(feats.indices[0, t, li, j])])
                        for li, layer in enumerate(feats.layers) for j in range(feats.k)
@@ -126,7 +126,7 @@ def test_steered_page_names_the_steer_and_scales_bars_beyond_the_max(tmp_path):
         got = probe(path, f"#t={t}")
         assert got["errors"] == "none"
         assert "Steered: L3/3 clamped to 40.0" in got["info"]
-        bars = __import__("json").loads(got["bars"])
+        bars = json.loads(got["bars"])
         marked = [name for name, is_steered, _ in bars if is_steered]
         assert marked == ["3/3"]
         widths[t] = next(w for name, _, w in bars if name == "3/3")
@@ -155,7 +155,7 @@ def test_compare_page_shows_both_runs(tmp_path):
     # the baseline run is inspectable: its own tokens and features, no steer marks
     got = probe(feats.to_html(tmp_path / "c.html", FakeTokenizer(), stats, sequences=seq, prompt_len=5,
                               steers=steers, baseline=base, baseline_sequences=base_seq), "#run=1&t=3")
-    bars = __import__("json").loads(got["bars"])
+    bars = json.loads(got["bars"])
     expected = [f"{feats.layers[li]}/{int(f)}" for li in range(2) for f in base.indices[0, 3, li].tolist() if f >= 0]
     assert [name for name, _, _ in bars] == expected and not any(s for _, s, _ in bars)
 

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steer", action="append", default=[], type=steer_arg, metavar="L:F=VALUE[:mode]",
                         help="steer feature F of layer L while generating (mode clamp|add|scale, default "
                              "clamp; 0 ablates); repeatable")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --steer: also generate without the steers and show both completions and their "
+                             "features (report and --html page)")
     add_generation_options(parser, None)
 
 
@@ -43,11 +46,17 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     layers = parse_layers(args.layers) if args.layers else None
     desc = demo.preflight(args, args.clt, layers, args.model)  # bad --clt/--layers/--stats fail before the model loads
+    if args.compare and not args.steer:
+        raise ValueError("--compare compares a steered run with the unsteered one: add --steer LAYER:FEATURE=VALUE")
     model, tokenizer, _ = demo.load_model(args.model)
-    seq, prompt_len, feats, gen_s = demo.generate_with_features(
-        model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-        layers=layers, chat=args.chat, steer=args.steer,
-    )
+    runs = {}
+    for name, steer in (("baseline", []), ("steered", args.steer)) if args.compare else (("steered", args.steer),):
+        runs[name] = demo.generate_with_features(
+            model, tokenizer, args.clt, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            layers=layers, chat=args.chat, steer=steer,
+        )
+    seq, prompt_len, feats, gen_s = runs["steered"]
+    baseline = (runs["baseline"][0], runs["baseline"][2]) if "baseline" in runs else None
     extra: dict[str, Any] = {"transcoder": args.clt}
     if args.steer:
         extra["steers"] = args.steer
@@ -56,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         extra["saved"] = str(args.out)
     stats = find_stats(args.clt if Path(args.clt).is_dir() else None, args.stats)
     demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra,
-                      desc=desc, stats=stats)
+                      desc=desc, stats=stats, steers=args.steer, baseline=baseline)
     return 0
