@@ -368,8 +368,9 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\n{text}" + (f" […]\n(stopped at --max-new-tokens {args.max_new_tokens}; raise it for the "
-                             "whole answer)" if hit_limit else ""))
+        heading = "steered run:\n" if baseline is not None else ""
+        print(f"\n{heading}{text}" + (f" […]\n(stopped at --max-new-tokens {args.max_new_tokens}; raise it for "
+                                      "the whole answer)" if hit_limit else ""))
         name = extra.get("transcoder")
         if name is not None:
             about = describe_transcoder(desc) if desc is not None else ""

@@ -56,9 +56,9 @@ def topk_l0_sentence(k: int, feats: Features, steers: Sequence[Mapping[str, Any]
     spans = ", ".join(f"layer {layer}: {lo}" + (f"-{hi}" if hi != lo else "") for layer, (lo, hi) in off.items())
     why = ("a steered feature is set on top of the k the transcoder chose, so it counts as one more where it "
            "was not among them (one fewer where it was and is clamped to 0)" if steers else
-           "fewer where fewer features had a positive pre-activation")
-    return (f"TopK transcoder (k={k}): {k} active features per token and layer chosen by the transcoder; recorded "
-            f"L0 {spans}: {why}")
+           "fewer features had a positive pre-activation there")
+    return (f"TopK transcoder (k={k}): the transcoder chooses {k} active features per token and layer; recorded "
+            f"L0 in {spans}, because {why}")
 
 
 def steers_lines(steers: Sequence[Mapping[str, Any]]) -> list[str]:

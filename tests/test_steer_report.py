@@ -62,7 +62,7 @@ def test_report_names_the_steer_marks_it_and_states_the_recorded_l0(dirs, tmp_pa
     lo, hi = int(gen.l0[0, :, li].min()), int(gen.l0[0, :, li].max())
     assert hi == K + 1  # the steered feature is never among the top 4 of this random transcoder
     assert "exactly" not in text
-    assert f"layer {layer}: {lo}" + (f"-{hi}" if hi != lo else "") in text
+    assert f"recorded L0 in layer {layer}: {lo}" + (f"-{hi}" if hi != lo else "") + ", because" in text
     assert "set on top of the k the transcoder chose" in text
 
 
