@@ -12,9 +12,10 @@ made visible (``·`` space, ``↵`` newline, ``→`` tab); padding positions are
   transcoder has the same L0 everywhere), and, once a feature is chosen, that feature's activation (0
   where it was not among the recorded top-k).
 * ``steers`` names the steers in a band above the text and marks the steered features in the token
-  panel; bars show an activation's share of the feature's corpus max linearly up to 100% (a dashed tick)
-  and logarithmically beyond (each further 10x adds a fifth of the track, up to 100x), so 440% and 2067%
-  look different. ``baseline`` (``generate --compare``) adds the run without the steers: both
+  panel; bars show an activation's share of the feature's corpus max linearly up to 100%; where some
+  activation on the page exceeds its max, 100% is a dashed tick at 60% of the track and the scale is
+  logarithmic beyond (each further 10x adds a fifth of the track, up to 100x), so 440% and 2067% look
+  different. ``baseline`` (``generate --compare``) adds the run without the steers: both
   completions side by side and a selector to inspect either run.
 * Hovering a token shows its top features per layer; clicking selects it (``PATH#t=N`` opens with
   token N selected, and the address follows the selection). Arrow keys move the selection.

@@ -34,6 +34,7 @@ window.addEventListener("load", () => {
   rec("bars", JSON.stringify([...document.querySelectorAll("tr.feat-row")].map(tr => [
     tr.dataset.layer + "/" + tr.dataset.feature, tr.classList.contains("steered"),
     parseFloat(tr.querySelector(".bar").style.width)])));
+  rec("ticks", String(document.querySelectorAll(".barcell .tick").length));
   __ACTIONS__
   rec("errors", window.__errors.join("|") || "none");
 });
@@ -127,6 +128,7 @@ def test_steered_page_names_the_steer_and_scales_bars_beyond_the_max(tmp_path):
         assert got["errors"] == "none"
         assert "Steered: L3/3 clamped to 40.0" in got["info"]
         bars = json.loads(got["bars"])
+        assert int(got["ticks"]) == len(bars)  # the 100% tick on every bar with statistics
         marked = [name for name, is_steered, _ in bars if is_steered]
         assert marked == ["3/3"]
         widths[t] = next(w for name, _, w in bars if name == "3/3")
@@ -135,6 +137,17 @@ def test_steered_page_names_the_steer_and_scales_bars_beyond_the_max(tmp_path):
     assert widths[3] == pytest.approx(60 + 20 * math.log10(4.4), abs=0.2)
     assert widths[4] == pytest.approx(60 + 20 * math.log10(20.67), abs=0.2)
     assert widths[4] - widths[3] > 10
+
+
+def test_bars_are_linear_when_nothing_exceeds_the_max(tmp_path):
+    feats, seq = make_features()
+    stats = FakeStats()  # every max is above every activation here
+    got = probe(feats.to_html(tmp_path / "b.html", FakeTokenizer(), stats, sequences=seq), "#t=3")
+    bars = json.loads(got["bars"])
+    expected = [100 * float(v) / float(stats.max(layer)[int(f)]) for li, layer in enumerate(feats.layers)
+                for f, v in zip(feats.indices[0, 3, li], feats.values[0, 3, li]) if f >= 0]
+    assert [w for _, _, w in bars] == pytest.approx([max(1.0, e) for e in expected], abs=0.1)
+    assert got["ticks"] == "0"  # no 100% tick: the track is 0-100%
 
 
 def test_compare_page_shows_both_runs(tmp_path):
