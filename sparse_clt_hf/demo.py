@@ -287,7 +287,8 @@ def format_table(tokens: list[dict[str, Any]], steered: set[tuple[int, int]] = f
         if not t["features"]:
             lines.append(head.rstrip())
         for n, f in enumerate(t["features"]):
-            share = f"({f['of_max']:.0%} of max)" if f.get("of_max") is not None else "(no stats)"
+            share = (f"({f['of_max']:.0%} of max)" if f.get("of_max") is not None
+                     else "(never in corpus)" if "max" in f else "(no stats)")
             label = repr(f["label"]) if "label" in f else ""
             lines.append(f"{head if n == 0 else ' ' * len(head)}{_feature_text(f, steered):<14} {share:<16} {label}"
                          .rstrip())
@@ -403,7 +404,8 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
         else:
             print("Is an activation large? Compare it with the feature's max in the corpus (the share in "
                   "brackets); the labels are the tokens it fires on most strongly there.")
-        example = max((f for t in tokens for f in t["features"]), key=lambda f: f["activation"], default=None)
+        example = max((f for t in tokens for f in t["features"] if (f["layer"], f["feature"]) not in marked),
+                      key=lambda f: f["activation"], default=None)
         html_hint = "" if "html" in extra else "--html view.html opens the features in a browser"
         if example is not None and stats is not None:
             clt_opt = ("" if extra.get("demo_transcoder") else f" --stats {args.stats}"

@@ -6,8 +6,8 @@ cannot close the script). Tokens are shown as the tokenizer decodes each id on i
 made visible (``·`` space, ``↵`` newline, ``→`` tab); padding positions are left out.
 
 * The text opens shaded by something that varies from token to token: with ``stats``, each token's
-  strongest feature as a share of that feature's max in the statistics' corpus (0-100%; beyond it the
-  colour stays full); without, the top activation of the first layer whose top activation varies. Also
+  strongest feature as a share of that feature's max in the statistics' corpus (from the page's lowest
+  share, rounded down to 10%, to 100%; beyond it the colour stays full); without, the top activation of the first layer whose top activation varies. Also
   offered: the same per layer, L0 (active features per position) only where it varies (a TopK
   transcoder has the same L0 everywhere), and, once a feature is chosen, that feature's activation (0
   where it was not among the recorded top-k).
