@@ -89,6 +89,7 @@ def docs_env(stand_ins, tmp_path, monkeypatch):
     def load_tokenizer(*args, **kwargs):
         tok = tok_cls.from_pretrained(model_dir)
         tok.padding_side = kwargs.get("padding_side", tok.padding_side)
+        tok.model_input_names = ["input_ids", "attention_mask"]  # as a causal LM's tokenizer (no token_type_ids)
         return tok
 
     real_attach, real_load = sparse_clt_hf.attach_clt, CrossLayerTranscoder.from_pretrained.__func__
