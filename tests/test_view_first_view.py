@@ -173,6 +173,38 @@ def test_compare_page_shows_both_runs(tmp_path):
     assert [name for name, _, _ in bars] == expected and not any(s for _, s, _ in bars)
 
 
+def test_every_shading_and_both_runs_work(tmp_path):
+    """Every option of the shading selector and of the run selector, chosen as a user would: no script error,
+    and each shading names itself in the legend."""
+    feats, seq, stats, _ = steered_features()
+    base, base_seq = make_features()
+    path = feats.to_html(tmp_path / "m.html", FakeTokenizer(), stats, sequences=seq, prompt_len=5,
+                         steers=[{"layer": 3, "feature": 3, "value": 40.0}], baseline=base, baseline_sequences=base_seq)
+    actions = """const legends = [];
+  const run = q("#run"), mode = q("#mode");
+  for (const r of ["0", "1"]) {
+    run.value = r; run.dispatchEvent(new Event("change"));
+    for (const o of [...mode.options].filter(o => !o.disabled)) {
+      mode.value = o.value; mode.dispatchEvent(new Event("change"));
+      legends.push(r + "|" + o.value + "|" + q("#legend-max").textContent);
+    }
+    document.querySelector("#text .tok").click();
+    document.querySelector("tr.feat-row").click();
+    legends.push(r + "|feat|" + q("#legend-max").textContent + "|" + location.hash);
+  }
+  rec("legends", JSON.stringify(legends));"""
+    got = probe(path, actions=actions)
+    assert got["errors"] == "none"
+    legends = json.loads(got["legends"])
+    names = {"share": "strongest feature, share of its corpus max", "act:0": "top activation, layer 3",
+             "share:1": "strongest in layer 5, share of its max"}
+    for entry in legends:
+        run, mode, legend = entry.split("|")[:3]
+        if mode in names:
+            assert legend.endswith(names[mode]), entry
+    assert any(e.startswith("1|feat|") and "|#run=1&t=0&f=" in e for e in legends)  # the address names the run
+
+
 def test_baseline_must_have_the_same_layers():
     feats, seq = make_features()
     other = Features(feats.indices[:, :, :1], feats.values[:, :, :1], feats.l0[:, :, :1], feats.mask, [3],
