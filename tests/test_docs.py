@@ -105,6 +105,7 @@ def docs_env(stand_ins, tmp_path, monkeypatch):
     monkeypatch.setattr(sparse_clt_hf, "attach_clt", attach)
     monkeypatch.setattr(CrossLayerTranscoder, "from_pretrained", classmethod(from_pretrained))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MKL_CBWR", os.environ.get("MKL_CBWR", "AUTO,STRICT"))  # `extract` sets it: undone after
     tok = load_tokenizer(padding_side="left")
     prompts = ["The cat sat", "Hello there, world"]
     return {
