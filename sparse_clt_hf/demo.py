@@ -289,7 +289,7 @@ def format_table(tokens: list[dict[str, Any]], steered: set[tuple[int, int]] = f
         for n, f in enumerate(t["features"]):
             share = (f"({f['of_max']:.0%} of max)" if f.get("of_max") is not None
                      else "(never in corpus)" if "max" in f else "(no stats)")
-            label = repr(f["label"]) if "label" in f else ""
+            label = repr(f["label"]) if f.get("label") else ""
             lines.append(f"{head if n == 0 else ' ' * len(head)}{_feature_text(f, steered):<14} {share:<16} {label}"
                          .rstrip())
     return "\n".join(lines)
