@@ -257,8 +257,9 @@ def token_report(tokenizer: Any, sequence: torch.Tensor, prompt_len: int, feats:
     return out
 
 
-def _feature_text(f: dict[str, Any]) -> str:
-    return f"L{f['layer']}/{f['feature']}={f['activation']:.2f}"
+def _feature_text(f: dict[str, Any], steered: set[tuple[int, int]] = frozenset()) -> str:
+    mark = "*" if (f["layer"], f["feature"]) in steered else ""
+    return f"L{f['layer']}/{f['feature']}{mark}={f['activation']:.2f}"
 
 
 def _tokens_text(t: dict[str, Any]) -> str:
@@ -269,15 +270,16 @@ def _tokens_text(t: dict[str, Any]) -> str:
 TABLE_HEAD = f"{'#':>3}  {'reads':<17} -> {'writes':<17}  "
 
 
-def format_table(tokens: list[dict[str, Any]]) -> str:
+def format_table(tokens: list[dict[str, Any]], steered: set[tuple[int, int]] = frozenset()) -> str:
     """One line per generated token: the token the model read at that position, the token it wrote
     (predicted) there, and the strongest features at that position. With labels (``stats``), one line
-    per shown feature: ``L6/942=7.19  (91% of max)  [' comprehension', ' generator', ' list']``."""
+    per shown feature: ``L6/942=7.19  (91% of max)  [' comprehension', ' generator', ' list']``.
+    Features in ``steered`` (``(layer, feature)``) are marked ``*``: ``L6/942*=40.00``."""
     labelled = any("label" in f for t in tokens for f in t["features"])
     if not labelled:
         lines = [f"{TABLE_HEAD}strongest features at that position (layer/feature=activation)"]
         for t in tokens:
-            shown = "  ".join(_feature_text(f) for f in t["features"])
+            shown = "  ".join(_feature_text(f, steered) for f in t["features"])
             lines.append(f"{t['index']:>3}  {_tokens_text(t)}  {shown}".rstrip())
         return "\n".join(lines)
     lines = [f"{TABLE_HEAD}strongest features at that position: layer/feature=activation "
@@ -287,9 +289,11 @@ def format_table(tokens: list[dict[str, Any]]) -> str:
         if not t["features"]:
             lines.append(head.rstrip())
         for n, f in enumerate(t["features"]):
-            share = f"({f['of_max']:.0%} of max)" if f.get("of_max") is not None else "(no stats)"
-            label = repr(f["label"]) if "label" in f else ""
-            lines.append(f"{head if n == 0 else ' ' * len(head)}{_feature_text(f):<14} {share:<14} {label}".rstrip())
+            share = (f"({f['of_max']:.0%} of max)" if f.get("of_max") is not None
+                     else "(never in corpus)" if "max" in f else "(no stats)")
+            label = repr(f["label"]) if f.get("label") else ""
+            lines.append(f"{head if n == 0 else ' ' * len(head)}{_feature_text(f, steered):<14} {share:<16} {label}"
+                         .rstrip())
     return "\n".join(lines)
 
 
@@ -320,16 +324,26 @@ def generate_with_features(model, tokenizer, transcoder, prompt: str, *, max_new
 
 def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Features, gen_s: float,
                  total_s: float, extra: dict[str, Any], *, desc: Any = None, stats: Any = None,
-                 transcoder_note: str = "") -> dict[str, Any]:
+                 transcoder_note: str = "", steers: list[dict[str, Any]] | None = None,
+                 baseline: tuple[torch.Tensor, Features] | None = None) -> dict[str, Any]:
     """Print (or, with ``--json``, dump) the features per generated token and a summary.
 
-    ``desc`` (the transcoder's Description) says which transcoder ran and whether L0 means anything
-    (a TopK transcoder always has k active features); ``stats`` adds labels (top tokens), each
-    activation's share of the feature's max, and the max-activating contexts on the ``--html`` page."""
+    ``desc`` (the transcoder's Description) says which transcoder ran and what L0 means (a TopK
+    transcoder has k active features, plus steered ones: :mod:`sparse_clt_hf.steer_report`); ``stats``
+    adds labels (top tokens), each activation's share of the feature's max, and the max-activating
+    contexts on the ``--html`` page. ``steers`` are named and their features marked ``*``;
+    ``baseline`` (``(sequence, Features)`` of the same prompt without the steers, ``--compare``) is
+    printed after the steered run and shown beside it on the page."""
+    from .steer_report import divergence, l0_by_layer, steered_keys, steers_lines, topk_l0_sentence
+
     out = sys.stderr if args.json else sys.stdout
+    steers = list(steers or [])
+    marked = steered_keys(steers)
     if getattr(args, "html", None):
         feats.to_html(args.html, tokenizer, stats=stats, sequences=seq, prompt_len=prompt_len,
-                      title=f"sparse-clt-hf: {args.prompt}")
+                      title=f"sparse-clt-hf: {args.prompt}", steers=steers,
+                      baseline=None if baseline is None else baseline[1],
+                      baseline_sequences=None if baseline is None else baseline[0])
         extra = {**extra, "html": str(args.html)}
     tokens = token_report(tokenizer, seq, prompt_len, feats, args.show, stats=stats)
     gen = feats.positions(prompt_len - 1, seq.shape[0] - 1)
@@ -346,30 +360,48 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
                "mean_l0": round(mean_l0, 2),
                "mean_shown_activation": round(sum(shown_acts) / len(shown_acts), 4) if shown_acts else 0.0,
                "generate_seconds": round(gen_s, 2), "total_seconds": round(total_s, 2), **extra}
+    summary["l0_by_layer"] = {str(layer): list(r) for layer, r in l0_by_layer(gen).items()}  # (lowest, highest)
     if desc is not None:
         summary["activation"] = desc.activation
         summary["k"] = desc.k
     summary["labels"] = stats is not None
     text = tokenizer.decode(seq[prompt_len:], skip_special_tokens=True)
     report = {"prompt": args.prompt, "text": text, "tokens": tokens, "summary": summary}
+    if baseline is not None:
+        base_seq, base_feats = baseline
+        report["baseline"] = {"text": tokenizer.decode(base_seq[prompt_len:], skip_special_tokens=True),
+                              "tokens": token_report(tokenizer, base_seq, prompt_len, base_feats, args.show, stats=stats),
+                              "generated_tokens": base_seq.shape[0] - prompt_len,
+                              "diverges_at": divergence(seq, base_seq, prompt_len)}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\n{text}" + (f" […]\n(stopped at --max-new-tokens {args.max_new_tokens}; raise it for the "
-                             "whole answer)" if hit_limit else ""))
+        heading = "steered run:\n" if baseline is not None else ""
+        print(f"\n{heading}{text}" + (f" […]\n(stopped at --max-new-tokens {args.max_new_tokens}; raise it for "
+                                      "the whole answer)" if hit_limit else ""))
         name = extra.get("transcoder")
         if name is not None:
             about = describe_transcoder(desc) if desc is not None else ""
             print(f"\ntranscoder: {name}" + (f" ({transcoder_note})" if transcoder_note else "")
                   + (f"\n            {about}" if about else ""))
+        if steers:
+            print("\n".join(steers_lines(steers)))
+        if baseline is not None:
+            b = report["baseline"]
+            where = ("the completions are identical" if b["diverges_at"] is None
+                     else f"the completions diverge at generated token #{b['diverges_at']}")
+            print(f"\nwithout the steers (--compare; {where}):\n{b['text']}")
         print()
-        print(format_table(tokens))
+        print(format_table(tokens, marked))
+        if baseline is not None:
+            print("\nwithout the steers:")
+            print(format_table(report["baseline"]["tokens"]))
         print(f"\n{generated} tokens generated in {gen_s:.1f} s (total {total_s:.1f} s); layers {feats.layers}.")
         print(f"Recorded the {feats.k} strongest features per token and layer (--top-k); shown: the "
               f"{args.show} strongest across all layers (--show).")
         if topk:
-            print(f"TopK transcoder (k={desc.k}): every token has exactly {desc.k} active features per layer, so "
-                  f"L0 says nothing here; mean activation of the shown features {summary['mean_shown_activation']:.2f}.")
+            print(f"{topk_l0_sentence(desc.k, gen, steers)}; mean activation of the shown features "
+                  f"{summary['mean_shown_activation']:.2f}.")
         else:
             print(f"Mean L0 {mean_l0:.1f} active features per token and layer; mean activation of the shown "
                   f"features {summary['mean_shown_activation']:.2f}.")
@@ -379,7 +411,8 @@ def print_report(args: argparse.Namespace, tokenizer, seq, prompt_len, feats: Fe
         else:
             print("Is an activation large? Compare it with the feature's max in the corpus (the share in "
                   "brackets); the labels are the tokens it fires on most strongly there.")
-        example = max((f for t in tokens for f in t["features"]), key=lambda f: f["activation"], default=None)
+        example = max((f for t in tokens for f in t["features"] if (f["layer"], f["feature"]) not in marked),
+                      key=lambda f: f["activation"], default=None)
         html_hint = "" if "html" in extra else "--html view.html opens the features in a browser"
         if example is not None and stats is not None:
             clt_opt = ("" if extra.get("demo_transcoder") else f" --stats {args.stats}"

@@ -7,7 +7,7 @@ index ``t`` of ``sequences``, left padding included), so after ``generate`` ``T 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -190,16 +190,23 @@ class Features:
         sequences: Any = None,
         prompt_len: int | None = None,
         title: str | None = None,
+        steers: Sequence[Mapping[str, Any]] | None = None,
+        baseline: Features | None = None,
+        baseline_sequences: Any = None,
     ) -> Path:
         """Write a self-contained HTML page to read batch row ``row`` token by token: the text shaded by
-        L0 or by a chosen feature, each token's top features per layer, and with ``stats`` (per-feature
+        each token's strongest feature (its share of the feature's corpus max with ``stats``) or by a chosen
+        feature, each token's top features per layer, and with ``stats`` (per-feature
         statistics, :class:`sparse_clt_hf.view.StatsLike`) labels, frequencies and max-activating
         contexts. ``sequences`` (e.g. ``generate``'s output) adds the last token, which has no features;
         ``prompt_len`` marks where the generation starts. ``path#t=N`` opens with token N selected.
+        ``steers`` (e.g. ``clt.steering``) names the steers on the page and marks the steered features;
+        ``baseline`` (with ``baseline_sequences``): the same prompt's features without them, shown beside.
         See :mod:`sparse_clt_hf.view`."""
         from .view import write_html
 
-        return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title)
+        return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title,
+                          steers=steers, baseline=baseline, baseline_sequences=baseline_sequences)
 
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (metadata: layers, widths)."""

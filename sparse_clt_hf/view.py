@@ -5,8 +5,18 @@ The page works offline: CSS and JavaScript are inline and the data sits in one
 cannot close the script). Tokens are shown as the tokenizer decodes each id on its own, whitespace
 made visible (``·`` space, ``↵`` newline, ``→`` tab); padding positions are left out.
 
-* The text is shaded by L0 (active features per position, all layers or one) or, once a feature is
-  chosen, by that feature's activation (0 where it was not among the recorded top-k).
+* The text opens shaded by something that varies from token to token: with ``stats``, each token's
+  strongest feature as a share of that feature's max in the statistics' corpus (from the page's lowest
+  share, rounded down to 10%, to 100%; beyond it the colour stays full); without, the top activation of the first layer whose top activation varies. Also
+  offered: the same per layer, L0 (active features per position) only where it varies (a TopK
+  transcoder has the same L0 everywhere), and, once a feature is chosen, that feature's activation (0
+  where it was not among the recorded top-k).
+* ``steers`` names the steers in a band above the text and marks the steered features in the token
+  panel; bars show an activation's share of the feature's corpus max linearly up to 100%; where some
+  activation on the page exceeds its max, 100% is a dashed tick at 60% of the track and the scale is
+  logarithmic beyond (each further 10x adds a fifth of the track, up to 100x), so 440% and 2067% look
+  different. ``baseline`` (``generate --compare``) adds the run without the steers: both
+  completions side by side and a selector to inspect either run.
 * Hovering a token shows its top features per layer; clicking selects it (``PATH#t=N`` opens with
   token N selected, and the address follows the selection). Arrow keys move the selection.
 * Clicking a feature shades the text by it and, with ``stats``, lists its max-activating contexts.
@@ -25,7 +35,8 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +48,7 @@ if TYPE_CHECKING:
 
 DATA_ID = "clt-data"
 TEMPLATE_FILE = "view_template.html"
+_MARKER = re.compile("__TITLE__|__DATA_ID__|__DATA__")
 N_CONTEXTS = 5
 CONTEXT_BEFORE = 16
 CONTEXT_AFTER = 6
@@ -101,6 +113,9 @@ def page_data(
     prompt_len: int | None = None,
     title: str | None = None,
     n_contexts: int = N_CONTEXTS,
+    steers: Sequence[Mapping[str, Any]] | None = None,
+    baseline: Features | None = None,
+    baseline_sequences: torch.Tensor | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready content of the page for batch row ``row`` (see :func:`write_html`).
 
@@ -109,32 +124,94 @@ def page_data(
     ``[feature, activation]`` pairs of the filled top-k slots, strongest first). ``vocab`` maps every id
     used on the page to its decoded text. ``stats`` maps ``"layer/feature"`` to that feature's
     statistics (``freq``, ``mean``, ``max``, ``count``, ``top`` token ids, ``ctx`` contexts) or is None.
+    ``steers``: the steers the features were recorded under (``layer``, ``feature``, ``value``,
+    ``mode``, optional ``positions``; as :attr:`CLTAttachment.steering`), named on the page and marked
+    where the features appear. ``baseline``: the features of the same prompt without the steers
+    (``generate --compare``; same layers, row ``row``), shown beside them as ``baseline.tokens``.
     """
+    steer_list = [_steer_entry(s) for s in steers or []]
+    tokens, used = _token_entries(features, row, sequences, "")
+    base: dict[str, Any] | None = None
+    if baseline is not None:
+        if list(baseline.layers) != list(features.layers):
+            raise ValueError(f"baseline layers {list(baseline.layers)} differ from the features' layers "
+                             f"{list(features.layers)}: record both runs with the same transcoder layers")
+        base_tokens, base_used = _token_entries(baseline, row, baseline_sequences, "baseline_")
+        used |= base_used
+        base = {"tokens": base_tokens, "label": "without the steers"}
+    stats_data = _stats_data(stats, used, n_contexts) if stats is not None else None
+    vocab_ids = {tok["id"] for tok in tokens} | {tok["id"] for tok in (base or {}).get("tokens", [])}
+    for entry in (stats_data or {}).values():
+        vocab_ids.update(entry["top"])
+        for c in entry["ctx"]:
+            vocab_ids.update(c["ids"])
+    vocab = {str(i): tokenizer.decode([i]) for i in sorted(vocab_ids)}
+    b, n_pos = features.indices.shape[:2]
+    return {
+        "version": 1,
+        "title": title or "sparse-clt-hf features",
+        "row": row,
+        "batch_size": b,
+        "layers": list(features.layers),
+        "k": features.k,
+        "n_positions": n_pos,
+        "prompt_len": prompt_len,
+        "tokens": tokens,
+        "vocab": vocab,
+        "special": _special_ids(tokenizer),
+        "stats": stats_data,
+        "stats_positions": None if stats is None else int(stats.n_positions),
+        "steers": steer_list,
+        "baseline": base,
+    }
+
+
+def _steer_entry(steer: Mapping[str, Any]) -> dict[str, Any]:
+    """A steer as the page shows it; a clear error for a malformed one."""
+    try:
+        entry = {"layer": int(steer["layer"]), "feature": int(steer["feature"]), "value": float(steer["value"]),
+                 "mode": str(steer.get("mode", "clamp"))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"steers: each steer needs integer 'layer' and 'feature' and a number 'value' "
+                         f"(as CLTAttachment.steering lists them), got {dict(steer)!r}") from e
+    positions = steer.get("positions", "all")
+    entry["positions"] = positions if isinstance(positions, str) else str(positions)
+    return entry
+
+
+def _token_entries(
+    features: Features, row: int, sequences: torch.Tensor | Sequence[int] | None, option: str
+) -> tuple[list[dict[str, Any]], set[tuple[int, int]]]:
+    """The ``tokens`` entries of one run and the ``(layer, feature)`` pairs on them; ``option``
+    prefixes the argument names in error messages (``baseline_``)."""
     b, n_pos, n_layers, _ = features.indices.shape
+    what = "baseline features" if option else "features"
     if not 0 <= row < b:
-        raise IndexError(f"row {row} out of range: the features hold {b} batch row(s)")
+        raise IndexError(f"row {row} out of range: the {what} hold {b} batch row(s)")
     seq: list[int] | None = None
     if sequences is not None:
         s = torch.as_tensor(sequences)
         if s.dim() == 2:
             s = s[row]
         if s.dim() != 1:
-            raise ValueError(f"sequences must be [S] or [B, S], got shape {tuple(torch.as_tensor(sequences).shape)}")
+            raise ValueError(f"{option}sequences must be [S] or [B, S], got shape "
+                             f"{tuple(torch.as_tensor(sequences).shape)}")
         seq = [int(i) for i in s.tolist()]
         if len(seq) < n_pos:
-            raise ValueError(f"sequences has {len(seq)} tokens but the features cover {n_pos} positions")
+            raise ValueError(f"{option}sequences has {len(seq)} tokens but the {what} cover {n_pos} positions")
     mask = features.mask[row].bool().tolist()
     if features.token_ids is not None:
         ids = [int(i) for i in features.token_ids[row].tolist()]
         if seq is not None:
             bad = [t for t in range(n_pos) if mask[t] and ids[t] != seq[t]]
             if bad:
-                raise ValueError(f"sequences disagree with the recorded token ids at positions {bad[:5]}: "
+                raise ValueError(f"{option}sequences disagree with the recorded token ids at positions {bad[:5]}: "
                                  "pass the sequences these features were recorded on (same row)")
     elif seq is not None:
         ids = seq[:n_pos]
     else:
-        raise ValueError("these features carry no token ids: pass sequences= (the token ids they were recorded on)")
+        raise ValueError(f"these {what} carry no token ids: pass {option}sequences= (the token ids they were "
+                         "recorded on)")
 
     indices = features.indices[row].tolist()  # [T][L][k]
     values = features.values[row].float().tolist()
@@ -152,29 +229,7 @@ def page_data(
         tokens.append({"t": t, "id": ids[t], "rec": True, "l0": [int(x) for x in l0[t]], "f": per_layer})
     if seq is not None:
         tokens.extend({"t": t, "id": seq[t], "rec": False} for t in range(n_pos, len(seq)))
-
-    stats_data = _stats_data(stats, used, n_contexts) if stats is not None else None
-    vocab_ids = {tok["id"] for tok in tokens}
-    for entry in (stats_data or {}).values():
-        vocab_ids.update(entry["top"])
-        for c in entry["ctx"]:
-            vocab_ids.update(c["ids"])
-    vocab = {str(i): tokenizer.decode([i]) for i in sorted(vocab_ids)}
-    return {
-        "version": 1,
-        "title": title or "sparse-clt-hf features",
-        "row": row,
-        "batch_size": b,
-        "layers": list(features.layers),
-        "k": features.k,
-        "n_positions": n_pos,
-        "prompt_len": prompt_len,
-        "tokens": tokens,
-        "vocab": vocab,
-        "special": _special_ids(tokenizer),
-        "stats": stats_data,
-        "stats_positions": None if stats is None else int(stats.n_positions),
-    }
+    return tokens, used
 
 
 def _stats_data(stats: StatsLike, used: set[tuple[int, int]], n_contexts: int) -> dict[str, Any]:
@@ -211,10 +266,10 @@ def embed_json(data: Any) -> str:
 
 
 def render_html(data: dict[str, Any]) -> str:
-    """The page for :func:`page_data`'s output."""
-    return (_template().replace("__TITLE__", html.escape(data["title"]))
-            .replace("__DATA_ID__", DATA_ID)
-            .replace("__DATA__", embed_json(data)))
+    """The page for :func:`page_data`'s output. The template's markers are filled in one pass, so a
+    title or token text that spells a marker stays text."""
+    fill = {"__TITLE__": html.escape(data["title"]), "__DATA_ID__": DATA_ID, "__DATA__": embed_json(data)}
+    return _MARKER.sub(lambda m: fill[m.group(0)], _template())
 
 
 def write_html(

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "clamp; 0 ablates); repeatable")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars while fitting the demo transcoder and its statistics")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --steer: also generate without the steers and show both completions and their "
+                             "features (report and --html page)")
     add_generation_options(parser, None)
     add_model_options(parser)
 
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
                          "model (SmolLM2-135M-Instruct)")
     layers = parse_layers(args.layers) if args.layers else None
     desc = demo.preflight(args, args.clt, layers, args.model)  # bad --clt/--layers/--stats fail before the model loads
+    if args.compare and not args.steer:
+        raise ValueError("--compare compares a steered run with the unsteered one: add --steer LAYER:FEATURE=VALUE")
     model, tokenizer, _ = load_model(args, args.model)
     extra: dict[str, Any] = {}
     clt, note, stats = args.clt, "", None
@@ -64,10 +69,14 @@ def run(args: argparse.Namespace) -> int:
         clt, note, stats, desc, extra = demo_transcoder(args, model, tokenizer)
         if layers is not None:
             desc = demo.preflight(args, str(clt), layers)
-    seq, prompt_len, feats, gen_s = demo.generate_with_features(
-        model, tokenizer, str(clt), args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-        layers=layers, chat=args.chat, steer=args.steer,
-    )
+    runs = {}
+    for name, steer in (("baseline", []), ("steered", args.steer)) if args.compare else (("steered", args.steer),):
+        runs[name] = demo.generate_with_features(
+            model, tokenizer, str(clt), args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            layers=layers, chat=args.chat, steer=steer,
+        )
+    seq, prompt_len, feats, gen_s = runs["steered"]
+    baseline = (runs["baseline"][0], runs["baseline"][2]) if "baseline" in runs else None
     extra["transcoder"] = str(clt)
     if args.steer:
         extra["steers"] = args.steer
@@ -77,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
     if stats is None:
         stats = find_stats(clt if Path(str(clt)).is_dir() else None, args.stats)
     demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra,
-                      desc=desc, stats=stats, transcoder_note=note)
+                      desc=desc, stats=stats, transcoder_note=note, steers=args.steer, baseline=baseline)
     return 0
