@@ -264,12 +264,14 @@ def feature_stats(
     top_n: int = 10,
     context: int = 8,
     save: bool = True,
+    verify: bool = False,
 ) -> FeatureStats:
     """Statistics of every (layer, feature) over an extraction folder (streamed shard by shard; saved
     as ``DIR/stats.safetensors`` when ``save``) or an in-memory :class:`Features` with ``token_ids``
     (rows are documents 0..B-1, positions are the row's position indices; nothing is saved).
 
-    ``top_n`` contexts are kept per feature, each with ``context`` tokens either side."""
+    ``top_n`` contexts are kept per feature, each with ``context`` tokens either side. Shards are checked
+    as :func:`~sparse_clt_hf.iter_extracted` checks them (``verify``: their sha256 too)."""
     if not isinstance(top_n, int) or top_n <= 0:
         raise FeatureStatsError(f"top_n must be a positive integer, got {top_n!r}")
     if not isinstance(context, int) or context < 0:
@@ -287,15 +289,15 @@ def feature_stats(
         acc.update(source, rows, zeros)
         return acc.finish([(source.token_ids, source.mask, rows, zeros)])
 
-    from .extract import read_manifest
+    from .extract_folder import read_manifest
     from .extracted import iter_extracted
 
     directory = Path(source)
     manifest = read_manifest(directory)
     acc = _Accumulator(manifest["layers"], manifest["n_features"], top_n, context)
-    for shard in iter_extracted(directory):
+    for shard in iter_extracted(directory, verify=verify):
         acc.update(shard.features, shard.documents, shard.offsets)
-    blocks = ((s.features.token_ids, s.features.mask, s.documents, s.offsets) for s in iter_extracted(directory))
+    blocks = ((s.features.token_ids, s.features.mask, s.documents, s.offsets) for s in iter_extracted(directory, verify=verify))
     stats = acc.finish(blocks)
     if save:
         stats.save(directory / STATS_FILE)
