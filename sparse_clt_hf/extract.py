@@ -254,6 +254,7 @@ def extract(
     transcoder_name: str | None = None,
     progress: bool = True,
     log=None,
+    follow_links: bool = False,
 ) -> dict[str, Any]:
     """Extract the top-k features of ``transcoder`` over ``data`` into the folder ``out`` and return
     its manifest. Resumes an earlier run with the same arguments (finished shards are kept).
@@ -269,7 +270,8 @@ def extract(
     if shard_size is not None and shard_size <= 0:
         raise ExtractError(f"shard_size must be a positive number of windows, got {shard_size!r}")
     state = _partial_state()
-    source = data if isinstance(data, DataSource) else open_data(data, field=text_field, max_docs=max_docs, split=split)
+    source = data if isinstance(data, DataSource) else open_data(
+        data, field=text_field, max_docs=max_docs, split=split, follow_links=follow_links)
     out = Path(out)
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     transcoder_name = transcoder_name or (str(transcoder) if isinstance(transcoder, (str, os.PathLike)) else None)

@@ -55,14 +55,13 @@ def _tokenizer(args: argparse.Namespace, folders: list[Path]):
         for name, key in (("manifest.json", "model"), ("config.yaml", "model_name")):
             path = folder / name
             if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                if name.endswith(".json"):
-                    model = json.loads(text).get(key)
-                else:
-                    import yaml
+                from ..errors import SparseCLTError
+                from ..io.structured import load_json, load_yaml
 
-                    model = (yaml.safe_load(text) or {}).get(key)
-                if model:
+                read = load_json if name.endswith(".json") else load_yaml
+                data = read(path.read_bytes(), str(path), error=SparseCLTError)
+                model = data.get(key) if isinstance(data, dict) else None
+                if isinstance(model, str) and model:
                     return load_tokenizer(model)
     return load_tokenizer(None)
 

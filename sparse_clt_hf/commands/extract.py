@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows per shard (default: as many as fit 256 MiB of features, a multiple of the batch size)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl record / dataset column holding the text")
     p.add_argument("--split", default="train", help="split of a `datasets` dataset")
+    p.add_argument("--follow-links", action="store_true",
+                   help="in a --data folder, also read .txt links that point outside it (refused by default)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: as saved)")
     p.add_argument("--device-map", default=None,
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     layers = parse_layers(args.layers) if args.layers else None
     # cheap checks first: a bad --data fails before the model is loaded
-    source = open_data(args.data, field=args.text_field, max_docs=args.max_docs, split=args.split)
+    source = open_data(args.data, field=args.text_field, max_docs=args.max_docs, split=args.split,
+                       follow_links=args.follow_links)
     state = _partial_state()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with state.main_process_first():  # one download per machine

@@ -73,10 +73,13 @@ def load_yaml(text: str | bytes, label: str, *, error: type[Exception] = Structu
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise error(f"{label}: not UTF-8 text ({exc})") from exc
+    loader = _NoAliasLoader(text)  # (a SafeLoader: only plain data, never code)
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+        return loader.get_single_data()
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise error(f"{label} is not accepted YAML: {exc}") from exc
+    finally:
+        loader.dispose()
 
 
 def load_json(text: str | bytes, label: str, *, error: type[Exception] = StructuredTextError,
