@@ -309,8 +309,7 @@ def _extract_checked(model, tokenizer, transcoder, source: DataSource, out: Path
     held = ExitStack()
     try:
         inputs["transcoder"] = tensors_fingerprint(
-            (f"{layer}.{name}", t) for layer in clt.layers
-            for name, t in vars(clt.transcoder.encoder(layer)).items() if torch.is_tensor(t))
+            (f"{layer}.{name}", t) for layer in clt.layers for name, t in clt.transcoder.encoder(layer).state_dict().items())
         inputs["model"] = tensors_fingerprint(model.named_parameters())
         previous = _check_out(out, check_args)
         _check_inputs(out, previous, inputs)

@@ -34,6 +34,7 @@ SHARDS = "shards"
 LOCK = ".lock"
 STATUSES = ("running", "failed", "complete")
 MAX_MANIFEST_BYTES = 256 << 20
+MAX_DOCUMENTS = 1 << 40  # (a manifest claiming more is damaged)
 #: bytes hashed per sampled block of a data file, and blocks sampled across its length
 SAMPLE_BLOCK, SAMPLE_BLOCKS = 1 << 20, 16
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -164,10 +165,16 @@ def check_manifest(manifest: dict[str, Any], directory: Path, path: Path) -> dic
         shards = manifest.get("shards")
         if not isinstance(shards, list) or len(shards) != manifest["n_shards"]:
             raise _fail(path, f"'shards' is not a list of {manifest['n_shards']} shard records")
+        if manifest["n_documents"] > MAX_DOCUMENTS:
+            raise _fail(path, f"'n_documents' is {manifest['n_documents']}, more than any extraction holds")
         for i, rec in enumerate(shards):
             check_shard_record(rec, i, directory, path)
             if rec["last_document"] >= manifest["n_documents"] or rec["first_document"] > rec["last_document"]:
                 raise _fail(path, f"shard {i} names documents past the {manifest['n_documents']} extracted")
+        for key, field in (("n_windows", "windows"), ("n_tokens", "tokens"), ("bytes", "bytes")):
+            total = sum(rec[field] for rec in shards)
+            if manifest.get(key, total) != total:
+                raise _fail(path, f"'{key}' is {manifest.get(key)!r} but its shards add up to {total}")
     return manifest
 
 

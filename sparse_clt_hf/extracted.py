@@ -116,9 +116,11 @@ def _check_shard(path: Path, t: dict[str, torch.Tensor], meta: dict[str, str], r
                   f"[{lo:.6g}, {hi:.6g}] recorded when it was written")
     if bool((t["l0"] < 0).any()) or bool(((idx >= 0).any(-1).any(-1) & ~mask).any()):
         raise bad("its l0 counts are negative or features are set on padding")
+    same = docs[1:] == docs[:-1]  # a window continues its document where the one before ended; a new one starts at 0
+    follows = torch.where(same, offs[1:] == offs[:-1] + lengths[:-1], offs[1:] == 0)
     if (int(docs[0]) != rec["first_document"] or int(docs[-1]) != rec["last_document"] or bool((docs[1:] < docs[:-1]).any())
-            or int(offs[0]) != rec["first_offset"] or bool((offs < 0).any())):
-        raise bad("its documents and offsets disagree with the record")
+            or int(offs[0]) != rec["first_offset"] or not bool(follows.all()) or bool((lengths < 1).any())):
+        raise bad("its documents, offsets and lengths disagree with each other or with the record")
 
 
 class ExtractedShard(NamedTuple):
@@ -173,11 +175,15 @@ def load_extracted(directory: str | os.PathLike[str], *, verify: bool = False) -
     f0 = shards[0].features
     t_max = int(doc_len.max()) if n_docs else 0
     n_layers, k = f0.indices.shape[2], f0.indices.shape[3]
-    indices = torch.full((n_docs, t_max, n_layers, k), -1, dtype=f0.indices.dtype)
-    values = torch.zeros((n_docs, t_max, n_layers, k), dtype=f0.values.dtype)
-    l0 = torch.zeros((n_docs, t_max, n_layers), dtype=f0.l0.dtype)
-    mask = torch.zeros((n_docs, t_max), dtype=torch.bool)
-    tokens = torch.full((n_docs, t_max), -1, dtype=f0.token_ids.dtype)
+    try:
+        indices = torch.full((n_docs, t_max, n_layers, k), -1, dtype=f0.indices.dtype)
+        values = torch.zeros((n_docs, t_max, n_layers, k), dtype=f0.values.dtype)
+        l0 = torch.zeros((n_docs, t_max, n_layers), dtype=f0.l0.dtype)
+        mask = torch.zeros((n_docs, t_max), dtype=torch.bool)
+        tokens = torch.full((n_docs, t_max), -1, dtype=f0.token_ids.dtype)
+    except (RuntimeError, MemoryError) as exc:
+        raise ExtractError(f"{directory}: {n_docs} documents of up to {t_max} tokens do not fit in memory "
+                           f"({exc}); read it shard by shard with iter_extracted") from None
     for s in shards:
         f = s.features
         w, t = f.mask.nonzero(as_tuple=True)
