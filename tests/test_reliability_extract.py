@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -168,23 +167,21 @@ def _fix_size(out: Path, index: int) -> None:
 def _edit_tensors(out: Path, index: int, edit) -> None:
     """Rewrite a shard with edited tensors and fix its size in the manifest (not its hash): only the
     cheap content checks stand between the damage and the reader."""
-    path = out / "shards" / f"{index:05d}.safetensors"
-    with open(path, "rb") as f:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as g:
-            meta = g.metadata()
+    path = out / "shards" / f"{index:05d}.safetensors"
+    with safe_open(str(path), "pt") as g:
+        meta = g.metadata()
     t = load_file(str(path))
     edit(t)
     save_file(t, str(path), metadata=meta)
     _fix_size(out, index)
-    del f
 
 
 TENSOR_DAMAGE = {
     "values_1e30": (lambda t: t["values"].view(-1).__setitem__(0, 1e30), "outside"),
     "values_nan": (lambda t: t["values"].view(-1).__setitem__(0, float("nan")), "finite"),
-    "id_past_width": (lambda t: t["indices"].view(-1).__setitem__(0, 24 if False else 40), "feature ids"),
+    "id_past_width": (lambda t: t["indices"].view(-1).__setitem__(0, 40), "feature ids"),
     "id_below": (lambda t: t["indices"].view(-1).__setitem__(0, -5), "feature ids"),
     "mask_flip": (lambda t: t["mask"].view(-1).__setitem__(0, not bool(t["mask"].view(-1)[0])), "mask"),
     "lengths": (lambda t: t["lengths"].__setitem__(0, 99), "mask"),
@@ -384,4 +381,3 @@ def test_unique_temporary_names_per_process(tmp_path):
     finally:
         os.replace = real
     assert seen == [f"x.json.{os.getpid()}.tmp"]
-    time.sleep(0)
