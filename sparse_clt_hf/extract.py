@@ -329,8 +329,8 @@ def _extract_checked(model, tokenizer, transcoder, source: DataSource, out: Path
         }
         if state.is_main_process:
             (out / SHARDS).mkdir(parents=True, exist_ok=True)
-            for stale in (out / SHARDS).glob("*.tmp"):
-                stale.unlink()
+            for stale in [*(out / SHARDS).glob("*.tmp"), *out.glob(f"{MANIFEST}.*.tmp")]:
+                stale.unlink()  # (left by a writer that died; this process holds the folder's lock)
             if previous is None or previous.get("status") != "complete":
                 write_json_atomic(out / MANIFEST, manifest)
                 written = True
