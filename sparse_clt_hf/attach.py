@@ -254,6 +254,9 @@ class CLTAttachment:
             self._steering.output_point(j)  # resolve every output site before anything changes
         dtype = _model_dtype(self.model)
         new.rows = {j: r.to(_layer_device(self._decoder_layers[j]), dtype) for j, r in targets.items()}
+        if not all(bool(r.isfinite().all()) for r in new.rows.values()):
+            raise ValueError(f"feature {feature} of layer {layer}: its decoder rows do not fit {dtype} (the model's "
+                             "dtype): some entries become inf or nan")
         self._apply_steers([*self._steering.steers, new])
         return SteeringHandle(self, new)
 

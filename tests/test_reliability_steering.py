@@ -243,3 +243,15 @@ def test_a_value_is_accepted_exactly_when_it_is_finite_in_its_dtype(dtype, value
     elif abs(value) >= top * (1 + eps):  # beyond max + half an ulp: rounds to inf
         with pytest.raises(ValueError, match="does not fit"):
             check_value(value, dtype)
+
+
+def test_decoder_rows_that_overflow_the_model_dtype_are_refused_before_anything_changes():
+    model = tiny_model("llama").half()
+    tc = random_transcoder(decoders=True)
+    tc.encoder(0).W_dec.data[5] = 1e5  # finite in float32, inf in float16
+    with attach_clt(model, tc, top_k=TOP_K) as clt:
+        before = _hooks(model)
+        with pytest.raises(ValueError, match="float16"):
+            clt.steer(0, 5, 1.0)
+        assert clt.steering == [] and _hooks(model) == before
+        clt.steer(0, 6, 1.0)
