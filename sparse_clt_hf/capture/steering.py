@@ -145,7 +145,8 @@ class Steering:
         for handle in old:
             handle.remove()
         self.steers = list(steers)
-        self.__dict__.update(state)
+        self._sources, self._targets, self._pos = state["_sources"], state["_targets"], state["_pos"]
+        self._coeff, self._coeff_pass = state["_coeff"], {}
 
     def set_value(self, steer: Steer, value: float) -> None:
         """A new value for an active steer: an in-place write (a compiled step is not recompiled)."""
