@@ -204,7 +204,7 @@ def test_every_tensor_of_a_shard_edited_is_caught_by_the_cheap_checks(env, tmp_p
     _all_refuse(out, message)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(position=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
 def test_any_byte_flip_is_an_extract_error_with_verify_and_never_another_error(env, tmp_path, position, mask):
     out = tmp_path / "flip"
@@ -381,3 +381,31 @@ def test_unique_temporary_names_per_process(tmp_path):
     finally:
         os.replace = real
     assert seen == [f"x.json.{os.getpid()}.tmp"]
+
+
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                               st.text(max_size=8), st.just("../../x"), st.just("/etc/passwd")),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                             st.dictionaries(st.text(max_size=4), inner, max_size=3)), max_leaves=8)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["manifest", "shard"]), field=st.sampled_from(MANIFEST_FIELDS + SHARD_FIELDS + ["new"]),
+       value=_json)
+def test_any_json_value_in_any_field_reads_or_is_an_extract_error(env, tmp_path, where, field, value):
+    out = tmp_path / "fields"
+    if not out.exists():
+        shutil.copytree(env["base"], out)
+    path = out / "manifest.json"
+    good = path.read_text()
+    m = json.loads(good)
+    (m if where == "manifest" else m["shards"][0])[field] = value
+    try:
+        path.write_text(json.dumps(m))
+        for read in _readers(out):
+            try:
+                read()
+            except ExtractError:
+                pass
+    finally:
+        path.write_text(good)
