@@ -11,10 +11,11 @@ are bitwise unchanged unless a feature is steered (:meth:`CLTAttachment.steer`, 
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CaptureStats, FeatureRecorder, StepCallback
-from .capture.per_model import PerModel
+from .capture.copy_guard import CopyGuard
 from .capture.steering import Steer, Steering, SteeringHandle, check_steer, check_value
 from .capture.tap import CallInfo, GenerateTap
 from .errors import AlignmentError, IncompatibleTranscoderError
@@ -42,7 +43,10 @@ class CLTAttachment:
     Several ``generate`` calls (or independent forward calls) in a row are *appended*: ``features``
     stacks them along the batch axis (positions right-padded, ``mask`` False there); ``calls`` keeps
     them apart; :meth:`reset` clears everything. One call at a time: a generate started from a
-    second thread while one runs is refused with :class:`AlignmentError`.
+    second thread while one runs is refused with :class:`AlignmentError`, and so is every call that
+    changes the attachment's state (steer, ``handle.set``/``remove``, clear_steering, flush, reset,
+    detach, reading features) from a thread other than the one running generate. Such calls and the
+    start and end of a generate call are serialised by one lock, so none sees the other half-done.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class CLTAttachment:
         source: Any = None,
     ) -> None:
         _check_options(top_k, activation_threshold, chunk_size, window, dtype, site, on_step)
+        self._lock = threading.RLock()  # state changes vs the start and end of a generate call
         self.model = model
         self.top_k = top_k
         self.activation_threshold = activation_threshold
@@ -121,12 +126,25 @@ class CLTAttachment:
             _forget_compiled_code(model)
             if hasattr(model, "generate"):
                 GenerateTap.join(model, self)
-            _CopyGuard.join(model, self)
+            CopyGuard.join(model, self)
         except BaseException:
-            self.detach()
+            self._detach()
             raise
 
     # ------------------------------------------------------------------ public API
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the state lock; refuse ``what`` from a thread other than the one running generate()."""
+        with self._lock:
+            rec = self._recorder
+            if rec.in_call and threading.get_ident() != rec._call_thread:
+                raise AlignmentError(
+                    f"{what} from another thread while generate() runs on this attached model is refused "
+                    "(like a second generate): it would race the hooks of the running call. Call it from the "
+                    "generating thread (e.g. in on_step) or after generate() returns"
+                )
+            yield
+
     @property
     def features(self) -> Features:
         """Everything recorded since attach or the last :meth:`reset`, calls stacked along the batch axis."""
@@ -138,7 +156,8 @@ class CLTAttachment:
     @property
     def calls(self) -> list[Features]:
         """Features of each recorded call separately."""
-        return [r.materialise() for r in self._recorder.all_records()]
+        with self._exclusive("reading features"):
+            return [r.materialise() for r in self._recorder.all_records()]
 
     @property
     def stats(self) -> CaptureStats:
@@ -156,14 +175,20 @@ class CLTAttachment:
 
     def flush(self) -> None:
         """Encode the decode-step buffer now (called automatically; cheap when empty)."""
-        self._recorder.flush()
+        with self._exclusive("flush()"):
+            self._recorder.flush()
 
     def reset(self) -> None:
         """Forget every recorded feature (hooks stay)."""
-        self._recorder.reset()
+        with self._exclusive("reset()"):
+            self._recorder.reset()
 
     def detach(self) -> None:
         """Remove every hook and the generate wrapper. Idempotent."""
+        with self._exclusive("detach()"):
+            self._detach()
+
+    def _detach(self) -> None:
         had_hooks = bool(self._handles)
         for handle in self._handles:
             handle.remove()
@@ -172,12 +197,12 @@ class CLTAttachment:
             had_hooks = True
             self._recorder.flush()  # buffered positions of steered layers are recorded as steered
         self._steering.remove()
-        self._recorder.layer_encoders = {}
+        self._recorder.layer_encoders = self._steering.layer_encoders
         if had_hooks:
             _forget_compiled_code(self.model)
         if self._attached:
             GenerateTap.leave(self.model, self)
-            _CopyGuard.leave(self.model, self)
+            CopyGuard.leave(self.model, self)
             self._attached = False
             self._recorder._pass = None
             self._recorder.flush()
@@ -212,9 +237,13 @@ class CLTAttachment:
         memory and modes: :mod:`sparse_clt_hf.capture.steering` and the README. Everything is checked (and
         the feature's decoder rows read) before anything changes. Returns a handle (``remove()``, ``set()``).
         """
+        with self._exclusive("steer()"):
+            return self._steer(layer, feature, value, mode, positions)
+
+    def _steer(self, layer: int, feature: int, value: float, mode: str, positions: str | slice) -> SteeringHandle:
         self._check_attached()
         widths = dict(zip(self.layers, self.widths))
-        new = check_steer(layer, feature, value, mode, positions, widths, self._steering.steers)
+        new = check_steer(layer, feature, value, mode, positions, widths, self._steering.steers, self._value_dtypes())
         layer, feature = new.layer, new.feature
         rows = load_decoder_rows(self._source["source"], layer, [feature], format=self._source.get("format"),
                                  variant=self._source.get("variant"))[0]  # [n_out, d]
@@ -225,37 +254,48 @@ class CLTAttachment:
             self._steering.output_point(j)  # resolve every output site before anything changes
         dtype = _model_dtype(self.model)
         new.rows = {j: r.to(_layer_device(self._decoder_layers[j]), dtype) for j, r in targets.items()}
+        if not all(bool(r.isfinite().all()) for r in new.rows.values()):
+            raise ValueError(f"feature {feature} of layer {layer}: its decoder rows do not fit {dtype} (the model's "
+                             "dtype): some entries become inf or nan")
         self._apply_steers([*self._steering.steers, new])
         return SteeringHandle(self, new)
 
     def clear_steering(self) -> None:
         """Remove every steer (the model runs bitwise as without steering again)."""
-        if self._steering.steers:
-            self._apply_steers([])
+        with self._exclusive("clear_steering()"):
+            if self._steering.steers:
+                self._apply_steers([])
 
     @property
     def steering(self) -> list[dict[str, Any]]:
         """The active steers: layer, feature, value, mode, positions, target layers."""
         return [s.to_dict() for s in self._steering.steers]
 
+    def _value_dtypes(self) -> dict[int, torch.dtype]:
+        """Layer -> the dtype a steer's value is stored and applied in (the encoder's compute dtype)."""
+        return {x: self.transcoder.encoder(x).W_enc.dtype for x in self.layers}
+
     def _apply_steers(self, steers: list[Steer]) -> None:
+        """Swap in a new set of steers: complete, or (on any error) the previous set exactly as it was."""
         if self._recorder.in_call:
             raise RuntimeError("steers cannot be added or removed while generate() runs; use handle.set(value)")
         self._recorder.flush()  # what is buffered was recorded under the previous steers
-        self._steering.set_steers(steers)
-        self._recorder.layer_encoders = self._steering.record_encoders()
-        _forget_compiled_code(self.model)
+        _forget_compiled_code(self.model)  # (harmless if what follows fails: compiled code is made again)
+        self._steering.set_steers(steers)  # built aside: on error the old steers and hooks stay
+        self._recorder.layer_encoders = self._steering.layer_encoders
 
     def _remove_steer(self, steer: Steer) -> None:
-        if any(s is steer for s in self._steering.steers):
-            self._apply_steers([s for s in self._steering.steers if s is not steer])
+        with self._exclusive("handle.remove()"):
+            if any(s is steer for s in self._steering.steers):
+                self._apply_steers([s for s in self._steering.steers if s is not steer])
 
     def _set_steer_value(self, steer: Steer, value: float) -> None:
-        value = check_value(value)
-        if not any(s is steer for s in self._steering.steers):
-            raise ValueError("this steer was removed; call steer() again")
-        self._recorder.flush()
-        self._steering.set_value(steer, value)
+        with self._exclusive("handle.set()"):
+            value = check_value(value, self._value_dtypes()[steer.layer])
+            if not any(s is steer for s in self._steering.steers):
+                raise ValueError("this steer was removed; call steer() again")
+            self._recorder.flush()
+            self._steering.set_value(steer, value)
 
     def _check_attached(self) -> None:
         if not self._attached:
@@ -263,82 +303,25 @@ class CLTAttachment:
 
     # ------------------------------------------------------------------ generate tap listener
     def begin_call(self, info: CallInfo) -> None:
-        self._recorder.begin_call(info)
-        if self._steering.active:
-            self._steering.begin_call(info)
+        with self._lock:  # waits for a state change another thread is making
+            self._recorder.begin_call(info)
+            if self._steering.active:
+                self._steering.begin_call(info)
 
     def on_step_end(self, sequences: torch.Tensor) -> None:
         self._recorder.on_step_end(sequences)
 
     def end_call(self, expected: int | None, what: str) -> None:
-        try:
-            self._recorder.end_call(expected, what)
-        finally:
-            self._steering.end_call()
+        with self._lock:
+            try:
+                self._recorder.end_call(expected, what)
+            finally:
+                self._steering.end_call()
 
     def abort_call(self) -> None:
-        self._recorder.abort_call()
-        self._steering.end_call()
-
-
-# ---------------------------------------------------------------------------- copies
-class _CopyGuard(PerModel):
-    """Makes ``copy.deepcopy(model)`` and ``pickle.dumps(model)`` of an attached model a plain model.
-
-    Installed as the instance's ``__deepcopy__`` and ``__reduce_ex__`` (which ``copy`` and ``pickle``
-    look up on the instance): for the time of the copy it takes our hooks, the generate wrapper and
-    itself off the model (restoring every hook table in its order afterwards), so the copy is what
-    the model would be without any attachment. Pickling goes through such a copy (memory: one model).
-    """
-
-    ATTR = "_sparse_clt_copy_guard"
-    SLOTS = ("__deepcopy__", "__reduce_ex__")
-
-    def deepcopy(self, memo: dict) -> nn.Module:
-        model = self.model
-        tap = model.__dict__.get(GenerateTap.ATTR)
-        keys = (*self.SLOTS, self.ATTR, GenerateTap.ATTR, *(tap.names if tap is not None else ()))
-        saved_attrs = {k: model.__dict__.pop(k) for k in keys if k in model.__dict__}
-        if tap is not None:
-            model.__dict__.update(tap.saved)  # the model's own instance attributes, as before attaching
-        tables = self._hook_tables()
-        saved_tables = [(t, list(t.items())) for t in tables]
-        ours = {h.id for att in self.members for h in att._all_handles()}
-        for t in tables:
-            for hid in ours & set(t):
-                del t[hid]
-        try:
-            return copy.deepcopy(model, memo)
-        finally:
-            for t, items in saved_tables:
-                t.clear()
-                t.update(items)
-            for name in tap.names if tap is not None else ():
-                model.__dict__.pop(name, None)
-            model.__dict__.update(saved_attrs)
-
-    def reduce_ex(self, protocol: int) -> Any:
-        return copy.deepcopy(self.model).__reduce_ex__(protocol)
-
-    def _hook_tables(self) -> list[dict]:
-        """Every hook table (forward hooks, pre-hooks, their kwargs flags) that holds one of our hooks."""
-        tables: dict[int, dict] = {}
-        for att in self.members:
-            for handle in att._all_handles():
-                refs = [handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())]
-                for ref in refs:
-                    table = ref()
-                    if table is not None:
-                        tables[id(table)] = table
-        return list(tables.values())
-
-    def install(self) -> None:
-        self.model.__dict__["__deepcopy__"] = self.deepcopy
-        self.model.__dict__["__reduce_ex__"] = self.reduce_ex
-
-    def uninstall(self) -> None:
-        for key in self.SLOTS:
-            self.model.__dict__.pop(key, None)
+        with self._lock:
+            self._recorder.abort_call()
+            self._steering.end_call()
 
 
 # ---------------------------------------------------------------------------- validation

@@ -23,7 +23,8 @@ class DataSource:
     ``kind`` is ``text`` (one document per non-blank line), ``jsonl`` (one JSON object per non-blank
     line, text in ``field``), ``folder`` (every ``*.txt`` file below the folder, sorted by relative
     path, one document each) or ``datasets`` (a ``datasets`` Hub name or a ``save_to_disk`` folder).
-    Document ids are positions in this order, starting at 0.
+    Document ids are positions in this order, starting at 0. Texts must be valid Unicode (a JSON string
+    with a lone surrogate such as ``"\\ud800"`` is refused up front: no tokenizer accepts it).
     """
 
     kind: str
@@ -49,16 +50,19 @@ class DataSource:
                             return
         elif self.kind == "jsonl":
             with _open_text(self.path) as f:
-                for line in f:
+                for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        yield json.loads(line)[self.field]
+                        yield _jsonl_text(self.path, lineno, line, self.field)
                         n += 1
                         if n == self.n_documents:
                             return
         elif self.kind == "folder":
             root = Path(self.path)
             for name in (self.files or [])[: self.n_documents]:
-                yield (root / name).read_text(encoding="utf-8", errors="replace")
+                try:
+                    yield (root / name).read_text(encoding="utf-8", errors="replace")
+                except OSError as exc:
+                    raise ExtractError(f"{root / name} cannot be read ({exc.strerror or exc})") from None
         else:
             for i, row in enumerate(self._dataset.select_columns([self.field])):
                 if i == self.n_documents:
@@ -66,10 +70,35 @@ class DataSource:
                 text = row[self.field]
                 if not isinstance(text, str):
                     raise ExtractError(f"{self.path}: row {i} field {self.field!r} is {type(text).__name__}, not text")
-                yield text
+                yield _checked_text(text, f"{self.path}: row {i} field {self.field!r}")
 
     def describe(self) -> str:
         return f"{self.kind} {self.path} ({self.n_documents} documents)"
+
+
+def _checked_text(text: str, where: str) -> str:
+    """``text`` when it is valid Unicode (encodable as UTF-8), else an error naming ``where``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ExtractError(f"{where}: holds {text[exc.start]!r} at character {exc.start}, a lone surrogate that is "
+                           "not valid Unicode (no tokenizer accepts it); fix or drop that document") from None
+    return text
+
+
+def _jsonl_text(path: str, lineno: int, line: str, field: str) -> str:
+    """The text ``field`` of one .jsonl line, every way it can be wrong an :class:`ExtractError`."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ExtractError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ExtractError(f"{path}:{lineno}: record has no {field!r} field (it has {keys}); "
+                           f"choose the field with --text-field")
+    if not isinstance(record[field], str):
+        raise ExtractError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not text")
+    return _checked_text(record[field], f"{path}:{lineno}: field {field!r}")
 
 
 def _open_text(path: str):
@@ -84,16 +113,25 @@ def open_data(
     field: str = "text",
     max_docs: int | None = None,
     split: str = "train",
+    follow_links: bool = False,
 ) -> DataSource:
     """Find, validate and count the documents of ``data`` (see :class:`DataSource`); raises
-    :class:`ExtractError` on empty data, a record without a text ``field``, or an unreadable source.
-    Only the first ``max_docs`` documents are read and checked."""
+    :class:`ExtractError` on empty data, a record without a text ``field``, text that is not valid
+    Unicode, or an unreadable source. Only the first ``max_docs`` documents are read and checked.
+
+    In a folder, a ``.txt`` that is a symbolic link (or lies below one) resolving outside the folder is
+    refused unless ``follow_links`` (``--follow-links``): a data folder then reads only files inside it."""
     if max_docs is not None and max_docs <= 0:
         raise ExtractError(f"--max-docs must be positive, got {max_docs}")
     limit = max_docs if max_docs is not None else float("inf")
     path = Path(data)
     if path.is_dir() and not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.txt") if p.is_file())
+        root = path.resolve()
+        outside = [f for f in files if root not in (path / f).resolve().parents]
+        if outside and not follow_links:
+            raise ExtractError(f"{path}: {outside[0]!r} links to {(path / outside[0]).resolve()}, outside the data "
+                               f"folder ({len(outside)} such files); pass follow_links=True (--follow-links) to read them")
         if not files:
             raise ExtractError(f"no documents: folder {path} holds no .txt files")
         n = int(min(len(files), limit))
@@ -108,17 +146,7 @@ def open_data(
                         break
                     if not line.strip():
                         continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ExtractError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict) or field not in record:
-                        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise ExtractError(f"{path}:{lineno}: record has no {field!r} field (it has {keys}); "
-                                           f"choose the field with --text-field")
-                    if not isinstance(record[field], str):
-                        raise ExtractError(f"{path}:{lineno}: field {field!r} is "
-                                           f"{type(record[field]).__name__}, not text")
+                    _jsonl_text(str(path), lineno, line, field)
                     n += 1
             kind = "jsonl"
         else:
@@ -177,7 +205,11 @@ def iter_windows(source: DataSource, tokenizer: Any, seq_len: int) -> Iterator[W
 
     def flush() -> Iterator[Window]:
         nonlocal doc
-        enc = tokenizer(chunk, add_special_tokens=True, verbose=False)["input_ids"]
+        try:
+            enc = tokenizer(chunk, add_special_tokens=True, verbose=False)["input_ids"]
+        except Exception as exc:  # tokenizers raise TypeError, ValueError, their own exceptions, ...
+            raise ExtractError(f"the tokenizer refused documents {doc}..{doc + len(chunk) - 1} of {source.describe()} "
+                               f"({type(exc).__name__}: {exc})") from exc
         for ids in enc:
             ids = list(ids)
             starts = range(0, len(ids), seq_len)

@@ -31,11 +31,11 @@ but keeps only the shard it is computing: memory is bounded by the shard size, n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,67 +43,64 @@ import torch
 
 from .corpus import DataSource, Window, iter_windows, open_data
 from .errors import ExtractError
+from .extract_folder import (
+    FORMAT,
+    LOCK,
+    MANIFEST,
+    SHARDS,
+    VERSION,
+    changed_inputs,
+    check_shard_record,
+    data_fingerprint,
+    folder_lock,
+    read_json_file,
+    read_manifest,
+    sha256_file,
+    shard_path,
+    shard_record_path,
+    tensors_fingerprint,
+    write_json_atomic,
+)
 
-FORMAT = "sparse-clt-hf-extract"
-VERSION = 1
-MANIFEST = "manifest.json"
-SHARDS = "shards"
+_sha256 = sha256_file  # (older name, kept for callers)
+__all__ = ["MANIFEST", "SHARDS", "extract", "read_manifest", "shard_path"]
+
 SHARD_BYTES = 256 * 2**20  # automatic shard size: features of one shard at most this many bytes
 
 
-
-
 # ---------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def shard_path(directory: Path, index: int) -> Path:
-    return directory / SHARDS / f"{index:05d}.safetensors"
-
-
-def _shard_record_path(directory: Path, index: int) -> Path:
-    return directory / SHARDS / f"{index:05d}.json"
-
-
 def _shard_done(directory: Path, index: int, expect: dict[str, Any]) -> bool:
-    """Whether shard ``index`` is complete: its record exists, matches the plan, and the file's size
-    and sha256 match the record (a truncated or damaged shard is redone)."""
-    rec_path, path = _shard_record_path(directory, index), shard_path(directory, index)
+    """Whether shard ``index`` is complete: its record exists, is well-formed, matches the plan, and the
+    file's size and sha256 match the record (a truncated or damaged shard is redone)."""
+    rec_path, path = shard_record_path(directory, index), shard_path(directory, index)
     if not (rec_path.is_file() and path.is_file()):
         return False
     try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = check_shard_record(read_json_file(rec_path, "shard record"), index, directory, rec_path)
+    except ExtractError:
         return False
     if any(rec.get(k) != v for k, v in expect.items()):
         return False
-    return path.stat().st_size == rec.get("bytes") and _sha256(path) == rec.get("sha256")
+    return path.stat().st_size == rec["bytes"] and sha256_file(path) == rec["sha256"]
 
 
 def _write_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                  record: dict[str, Any]) -> dict[str, Any]:
-    """Write a shard under a temporary name, rename it into place, then write its record."""
+    """Write a shard under a temporary name unique to this process, rename it into place, then write its
+    record (with the range of its values, checked cheaply by every reader)."""
     from safetensors.torch import save_file
 
     path = shard_path(directory, index)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    record = {**record, "file": f"{SHARDS}/{path.name}", "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    _write_json_atomic(_shard_record_path(directory, index), record)
+    values = tensors["values"]
+    value_range = [float(values.min()), float(values.max())] if values.numel() else [0.0, 0.0]
+    record = {**record, "file": f"{SHARDS}/{path.name}", "bytes": path.stat().st_size, "sha256": sha256_file(path),
+              "value_range": value_range}
+    write_json_atomic(shard_record_path(directory, index), record)
     return record
 
 
@@ -117,18 +114,18 @@ def _check_out(out: Path, arguments: dict[str, Any]) -> dict[str, Any] | None:
         manifest = out / MANIFEST
         if manifest.is_file():
             try:
-                previous = json.loads(manifest.read_text())
-            except json.JSONDecodeError as exc:
-                raise ExtractError(f"{manifest} is not valid JSON ({exc}); remove it or use another --out") from None
+                previous = read_json_file(manifest, "manifest")
+            except ExtractError as exc:
+                raise ExtractError(f"{exc}; remove it or use another --out") from None
             if previous.get("format") != FORMAT:
                 raise ExtractError(f"{out} holds a manifest.json that is not an extraction's; use another --out")
-            diff = {k: (previous.get("arguments", {}).get(k), v) for k, v in arguments.items()
-                    if previous.get("arguments", {}).get(k) != v}
+            before = previous.get("arguments") if isinstance(previous.get("arguments"), dict) else {}
+            diff = {k: (before.get(k), v) for k, v in arguments.items() if before.get(k) != v}
             if diff:
                 shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
                 raise ExtractError(f"{out} holds an extraction with other arguments ({shown}); "
                                    "rerun with the same arguments to resume, or use another --out")
-        elif any(p.name != SHARDS for p in out.iterdir()):
+        elif any(p.name not in (SHARDS, LOCK) for p in out.iterdir()):
             raise ExtractError(f"--out {out} is not empty and holds no extraction (no {MANIFEST}); use another folder")
     probe_dir = out
     while not probe_dir.exists():
@@ -145,17 +142,15 @@ def _check_out(out: Path, arguments: dict[str, Any]) -> dict[str, Any] | None:
     return previous
 
 
-def read_manifest(directory: str | os.PathLike[str], *, complete: bool = True) -> dict[str, Any]:
-    """The manifest of an extraction folder; raises if missing or (with ``complete``) unfinished."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ExtractError(f"{directory} holds no {MANIFEST}: not an extraction folder")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ExtractError(f"{path} is not an extraction manifest (format {manifest.get('format')!r})")
-    if complete and manifest.get("status") != "complete":
-        raise ExtractError(f"the extraction in {directory} is unfinished: rerun the same extract command to resume it")
-    return manifest
+def _check_inputs(out: Path, previous: dict[str, Any] | None, inputs: dict[str, Any]) -> None:
+    """Refuse to resume when the data, transcoder or model differ from those of the run that wrote ``out``."""
+    changed = changed_inputs((previous or {}).get("inputs"), inputs)
+    if changed:
+        raise ExtractError(
+            f"{out} was extracted from other inputs: the {' and the '.join(changed)} changed since (size, mtime "
+            "or content); its shards would mix features of both. Use another --out, or delete the folder to "
+            "start over"
+        )
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -259,6 +254,7 @@ def extract(
     transcoder_name: str | None = None,
     progress: bool = True,
     log=None,
+    follow_links: bool = False,
 ) -> dict[str, Any]:
     """Extract the top-k features of ``transcoder`` over ``data`` into the folder ``out`` and return
     its manifest. Resumes an earlier run with the same arguments (finished shards are kept).
@@ -267,9 +263,6 @@ def extract(
     process's device unless it was loaded with a ``device_map``). Every check (data, output folder,
     transcoder against model) happens before the first forward pass.
     """
-    from ._version import __version__
-    from .attach import attach_clt
-
     log = log or (lambda *a: print(*a, file=sys.stderr))
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("top_k", top_k)):
         if not isinstance(v, int) or v <= 0:
@@ -277,7 +270,8 @@ def extract(
     if shard_size is not None and shard_size <= 0:
         raise ExtractError(f"shard_size must be a positive number of windows, got {shard_size!r}")
     state = _partial_state()
-    source = data if isinstance(data, DataSource) else open_data(data, field=text_field, max_docs=max_docs, split=split)
+    source = data if isinstance(data, DataSource) else open_data(
+        data, field=text_field, max_docs=max_docs, split=split, follow_links=follow_links)
     out = Path(out)
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     transcoder_name = transcoder_name or (str(transcoder) if isinstance(transcoder, (str, os.PathLike)) else None)
@@ -288,55 +282,90 @@ def extract(
                  "model": model_name, "transcoder": transcoder_name}
     if source.kind == "datasets":
         base_args["split"] = source.split
-    previous = _check_out(out, {**base_args, **({} if shard_size is None else {"shard_size": shard_size})})
+    check_args = {**base_args, **({} if shard_size is None else {"shard_size": shard_size})}
+    previous = _check_out(out, check_args)
+    inputs: dict[str, Any] = {"data": data_fingerprint(source)}
+    _check_inputs(out, previous, inputs)  # the data, before the model is moved or attached
+    return _extract_checked(model, tokenizer, transcoder, source, out, state, check_args, base_args, inputs,
+                            wanted_layers=wanted_layers, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
+                            shard_size=shard_size, progress=progress, log=log)
+
+
+def _extract_checked(model, tokenizer, transcoder, source: DataSource, out: Path, state, check_args, base_args,
+                     inputs, *, wanted_layers, top_k, seq_len, batch_size, shard_size, progress, log) -> dict[str, Any]:
+    """:func:`extract` once the arguments and data are checked. The folder is locked (main process) before
+    anything is written; on any failure after the manifest was written, the manifest says so
+    (``status: failed`` and the error) before the error propagates."""
+    from ._version import __version__
+    from .attach import attach_clt
 
     if not hasattr(getattr(model, "hf_device_map", None), "items"):
         model.to(state.device)
     elif state.num_processes > 1:
         raise ExtractError("a model split with device_map runs in one process; launch without --num_processes")
     clt = attach_clt(model, transcoder, layers=wanted_layers, top_k=top_k)
+    written = False
+    manifest: dict[str, Any] = {}
+    held = ExitStack()
     try:
+        inputs["transcoder"] = tensors_fingerprint(
+            (f"{layer}.{name}", t) for layer in clt.layers for name, t in clt.transcoder.encoder(layer).state_dict().items())
+        inputs["model"] = tensors_fingerprint(model.named_parameters())
+        previous = _check_out(out, check_args)
+        _check_inputs(out, previous, inputs)
+        held.enter_context(folder_lock(out, state.is_main_process))
+        previous = _check_out(out, check_args)  # again, under the lock: another run may have written meanwhile
+        _check_inputs(out, previous, inputs)
         value_bytes = torch.finfo(clt.transcoder.encoder(clt.layers[0]).W_enc.dtype).bits // 8
         if shard_size is None:
             shard_size = (previous or {}).get("arguments", {}).get("shard_size") or _auto_shard_size(
                 seq_len, batch_size, len(clt.layers), top_k, value_bytes)
         arguments = {**base_args, "shard_size": shard_size}
-        manifest: dict[str, Any] = {
+        manifest = {
             "format": FORMAT, "version": VERSION, "library_version": __version__, "status": "running",
-            "model": model_name, "transcoder": transcoder_name, "arguments": arguments,
+            "model": base_args["model"], "transcoder": base_args["transcoder"], "arguments": arguments,
             "layers": list(clt.layers), "n_features": list(clt.widths), "top_k": top_k,
-            "world_size": state.num_processes,
+            "world_size": state.num_processes, "inputs": inputs,
         }
         if state.is_main_process:
             (out / SHARDS).mkdir(parents=True, exist_ok=True)
-            for stale in (out / SHARDS).glob("*.tmp"):
-                stale.unlink()
+            for stale in [*(out / SHARDS).glob("*.tmp"), *out.glob(f"{MANIFEST}.*.tmp")]:
+                stale.unlink()  # (left by a writer that died; this process holds the folder's lock)
             if previous is None or previous.get("status") != "complete":
-                _write_json_atomic(out / MANIFEST, manifest)
+                write_json_atomic(out / MANIFEST, manifest)
+                written = True
         state.wait_for_everyone()
         # one metadata key: safetensors writes several in no fixed order, and shards must be byte-identical
         meta = {FORMAT: json.dumps({"layers": list(clt.layers), "n_features": list(clt.widths)})}
         totals = _run_shards(model, clt, source, tokenizer, out, state, seq_len=seq_len, batch_size=batch_size,
                              shard_size=shard_size, meta=meta, progress=progress and state.is_main_process)
+        clt.detach()
+        state.wait_for_everyone()
+        per_process = _gather_counts(state, totals)
+        if state.is_main_process:
+            shards = []
+            for i in range(totals["n_shards"]):
+                rec_path = shard_record_path(out, i)
+                if not rec_path.is_file():
+                    raise ExtractError(f"shard {i} has no record {rec_path}: a process failed; rerun to resume")
+                shards.append(check_shard_record(read_json_file(rec_path, "shard record"), i, out, rec_path))
+            manifest.update(status="complete", n_documents=source.n_documents, n_windows=totals["n_windows"],
+                            n_tokens=totals["n_tokens"], n_shards=totals["n_shards"],
+                            bytes=sum(s["bytes"] for s in shards), shards=shards)
+            write_json_atomic(out / MANIFEST, manifest)
+            written = False
+            if progress:
+                log(f"extracted {source.n_documents} documents, {totals['n_tokens']} tokens, "
+                    f"{totals['n_shards']} shards ({manifest['bytes'] / 2**20:.1f} MiB) -> {out}; "
+                    f"{shard_summary(per_process)}")
+    except BaseException as exc:
+        if written:
+            write_json_atomic(out / MANIFEST, {**manifest, "status": "failed",
+                                               "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        raise
     finally:
         clt.detach()
-    state.wait_for_everyone()
-    per_process = _gather_counts(state, totals)
-    if state.is_main_process:
-        shards = []
-        for i in range(totals["n_shards"]):
-            rec_path = _shard_record_path(out, i)
-            if not rec_path.is_file():
-                raise ExtractError(f"shard {i} has no record {rec_path}: a process failed; rerun to resume")
-            shards.append(json.loads(rec_path.read_text()))
-        manifest.update(status="complete", n_documents=source.n_documents, n_windows=totals["n_windows"],
-                        n_tokens=totals["n_tokens"], n_shards=totals["n_shards"],
-                        bytes=sum(s["bytes"] for s in shards), shards=shards)
-        _write_json_atomic(out / MANIFEST, manifest)
-        if progress:
-            log(f"extracted {source.n_documents} documents, {totals['n_tokens']} tokens, "
-                f"{totals['n_shards']} shards ({manifest['bytes'] / 2**20:.1f} MiB) -> {out}; "
-                f"{shard_summary(per_process)}")
+        held.close()
     state.wait_for_everyone()
     return read_manifest(out)
 

@@ -30,6 +30,7 @@ import torch
 
 from .errors import SparseCLTError
 from .features import Features
+from .io.structured import load_json
 
 FORMAT = "sparse-clt-hf-feature-stats"
 VERSION = 1
@@ -147,12 +148,45 @@ class FeatureStats:
             path = path / STATS_FILE
         if not path.is_file():
             raise FeatureStatsError(f"{path} does not exist: compute it with `sparse-clt-hf stats DIR`")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path)) if meta.get("format") == FORMAT else {}
+        except Exception as exc:  # safetensors raises its own types (and OSError) for damaged files
+            raise FeatureStatsError(f"{path}: not a readable statistics file ({type(exc).__name__}: {exc})") from exc
         if meta.get("format") != FORMAT:
             raise FeatureStatsError(f"{path} is not a feature statistics file (format {meta.get('format')!r})")
-        return cls(json.loads(meta["layers"]), json.loads(meta["n_features"]), int(meta["n_positions"]),
-                   int(meta["top_n"]), int(meta["context"]), load_file(str(path)))
+        return cls(*_checked_stats(path, meta, tensors), tensors)
+
+
+def _checked_stats(path: Path, meta: dict[str, str], t: dict[str, torch.Tensor]) -> tuple:
+    """layers, n_features, n_positions, top_n, context of a stats file, each checked against the tensors."""
+
+    def fail(what: str) -> FeatureStatsError:
+        return FeatureStatsError(f"{path}: {what} (damaged, or not written by feature_stats); compute it again")
+
+    layers = load_json(meta.get("layers", ""), f"{path} metadata 'layers'", error=FeatureStatsError, limit=1 << 20)
+    widths = load_json(meta.get("n_features", ""), f"{path} metadata 'n_features'", error=FeatureStatsError,
+                       limit=1 << 20)
+    if not isinstance(layers, list) or not layers or not all(type(x) is int and x >= 0 for x in layers):
+        raise fail(f"metadata 'layers' is {str(layers)[:80]!r}; expected layer numbers")
+    if not isinstance(widths, list) or len(widths) != len(layers) or not all(type(w) is int and w > 0 for w in widths):
+        raise fail(f"metadata 'n_features' is {str(widths)[:80]!r}; expected one positive width per layer")
+    numbers = {}
+    for key in ("n_positions", "top_n", "context"):
+        value = meta.get(key, "")
+        if not (value.isascii() and value.isdigit() and len(value) < 19):
+            raise fail(f"metadata {key!r} is {value[:40]!r}; expected a non-negative integer")
+        numbers[key] = int(value)
+    n, c, m = numbers["top_n"], numbers["context"], max(widths)
+    shapes = {"count": (len(layers), m), "sum": (len(layers), m), "max": (len(layers), m),
+              "top_values": (len(layers), m, n), "top_documents": (len(layers), m, n),
+              "top_positions": (len(layers), m, n), "top_tokens": (len(layers), m, n, 2 * c + 1)}
+    for key, shape in shapes.items():
+        if key not in t or tuple(t[key].shape) != shape:
+            got = list(t[key].shape) if key in t else "missing"
+            raise fail(f"tensor {key!r} is {got}; expected shape {list(shape)}")
+    return layers, widths, numbers["n_positions"], n, c
 
 
 # ---------------------------------------------------------------------------- computation
@@ -264,12 +298,14 @@ def feature_stats(
     top_n: int = 10,
     context: int = 8,
     save: bool = True,
+    verify: bool = False,
 ) -> FeatureStats:
     """Statistics of every (layer, feature) over an extraction folder (streamed shard by shard; saved
     as ``DIR/stats.safetensors`` when ``save``) or an in-memory :class:`Features` with ``token_ids``
     (rows are documents 0..B-1, positions are the row's position indices; nothing is saved).
 
-    ``top_n`` contexts are kept per feature, each with ``context`` tokens either side."""
+    ``top_n`` contexts are kept per feature, each with ``context`` tokens either side. Shards are checked
+    as :func:`~sparse_clt_hf.iter_extracted` checks them (``verify``: their sha256 too)."""
     if not isinstance(top_n, int) or top_n <= 0:
         raise FeatureStatsError(f"top_n must be a positive integer, got {top_n!r}")
     if not isinstance(context, int) or context < 0:
@@ -287,15 +323,15 @@ def feature_stats(
         acc.update(source, rows, zeros)
         return acc.finish([(source.token_ids, source.mask, rows, zeros)])
 
-    from .extract import read_manifest
+    from .extract_folder import read_manifest
     from .extracted import iter_extracted
 
     directory = Path(source)
     manifest = read_manifest(directory)
     acc = _Accumulator(manifest["layers"], manifest["n_features"], top_n, context)
-    for shard in iter_extracted(directory):
+    for shard in iter_extracted(directory, verify=verify):
         acc.update(shard.features, shard.documents, shard.offsets)
-    blocks = ((s.features.token_ids, s.features.mask, s.documents, s.offsets) for s in iter_extracted(directory))
+    blocks = ((s.features.token_ids, s.features.mask, s.documents, s.offsets) for s in iter_extracted(directory, verify=verify))
     stats = acc.finish(blocks)
     if save:
         stats.save(directory / STATS_FILE)

@@ -244,11 +244,11 @@ def _checked_fields(label: str, meta: dict[str, str], t: dict[str, torch.Tensor]
 
     if "layers" not in meta:
         raise fail("no 'layers' metadata")
-    try:
-        layers = json.loads(meta["layers"])
-        widths = json.loads(meta.get("n_features", "null"))
-    except (ValueError, RecursionError) as exc:
-        raise fail(f"metadata is not valid JSON ({exc})") from exc
+    from .io.structured import load_json
+
+    layers = load_json(meta["layers"], f"{label} metadata", error=FeaturesFileError, limit=1 << 20)
+    widths = load_json(meta.get("n_features", "null"), f"{label} metadata", error=FeaturesFileError,
+                       limit=1 << 20)
     if not isinstance(layers, list) or not all(type(x) is int and x >= 0 for x in layers):
         raise fail(f"metadata 'layers' is {meta['layers'][:80]!r}; expected a list of layer numbers")
     if widths is not None and (

@@ -15,9 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import TranscoderFormatError
+from .io.structured import load_yaml
 
 ENV_VAR = "SPARSE_CLT_HF_REGISTRY"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -107,9 +106,7 @@ def _load(paths: tuple[Path, ...]) -> dict[str, RegistryEntry]:
     entries: dict[str, RegistryEntry] = {}
     for path in paths:
         try:
-            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-            raise TranscoderFormatError(f"registry file {path} is not valid YAML: {exc}") from exc
+            data = load_yaml(path.read_bytes(), f"registry file {path}", error=TranscoderFormatError) or {}
         except OSError as exc:
             raise TranscoderFormatError(f"registry file {path} cannot be read: {exc}") from exc
         if not isinstance(data, dict):

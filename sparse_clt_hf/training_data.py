@@ -52,7 +52,10 @@ def file_texts(source: str | Path) -> Iterator[str]:
             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    raise ValueError(f"{f}:{n}: not valid JSON ({exc})") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError(f"{f}:{n}: each .jsonl line must be an object with a string 'text' field")
                 yield row["text"]

@@ -191,8 +191,9 @@ def test_interrupted_run_resumes_to_the_same_output(setup, reference_run, tmp_pa
     monkeypatch.setattr(extract_mod, "_write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         cli.main(extract_args(setup, out))
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
-    with pytest.raises(ExtractError, match="unfinished"):
+    stopped = json.loads((out / "manifest.json").read_text())
+    assert (stopped["status"], stopped["error"]) == ("failed", "KeyboardInterrupt: killed")  # says what happened
+    with pytest.raises(ExtractError, match="unfinished.*KeyboardInterrupt: killed"):
         load_extracted(out)
     # one finished shard is damaged (truncated) and a temporary file is left behind
     damaged = extract_mod.shard_path(out, 1)

@@ -242,7 +242,9 @@ def write_graph_json(
     path.write_text(text, encoding="utf-8")
     if update_index:
         index_path = path.parent / "graph-metadata.json"
-        index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {"graphs": []}
+        from ..io.structured import load_json_object
+
+        index = load_json_object(index_path.read_bytes(), str(index_path)) if index_path.exists() else {"graphs": []}
         slug_ = data["metadata"]["slug"]
         index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != slug_] + [data["metadata"]]
         index_path.write_text(json.dumps(index, ensure_ascii=True, indent=2), encoding="utf-8")

@@ -29,10 +29,8 @@ read see the value before the steering delta; the reader hooks are registered be
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,41 +38,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import HookSiteError, IncompatibleTranscoderError
+from ..errors import HookSiteError
 from ..sites import HookPoint
 from ..transcoder import CrossLayerTranscoder
 from .buffer import _mark_static
 from .positions import forward_is_compiled, input_ids, past_length
 from .sitehooks import hook_sites
+from .steer_args import END as _END
+from .steer_args import (
+    MODES,
+    POSITION_NAMES,
+    Steer,
+    SteeringHandle,
+    check_positions,
+    check_steer,
+    check_value,
+)
 from .tap import CallInfo
 
-MODES = ("clamp", "add", "scale")
-POSITION_NAMES = ("all", "prompt", "generated")
-_END = 2**62  # "no upper bound" for position bounds
 #: elements of one dense block when a whole layer is encoded (TopK reads, records of steered layers)
 DENSE_BLOCK = 1 << 24
 
 RecordEncoder = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Steer:
-    """One active steer: ``feature`` of source ``layer`` set by ``mode`` with ``value`` at ``positions``."""
-
-    layer: int
-    feature: int
-    value: float
-    mode: str = "clamp"
-    positions: str | slice = "all"
-    #: decoder rows {target layer: [d]} on the target layer's device and dtype
-    rows: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        pos = self.positions
-        if isinstance(pos, slice):
-            pos = f"{pos.start or 0}:{'' if pos.stop is None else pos.stop}"
-        return {"layer": self.layer, "feature": self.feature, "value": self.value, "mode": self.mode,
-                "positions": pos, "targets": sorted(self.rows)}
 
 
 @dataclass
@@ -132,6 +117,8 @@ class Steering:
         self.activation_threshold = activation_threshold
         self.steers: list[Steer] = []
         self.handles: list[RemovableHandle] = []
+        #: the recorder's per-layer encoders for the steered layers (see :meth:`record_encoder`)
+        self.layer_encoders: dict[int, RecordEncoder] = {}
         self._sources: dict[int, _Source] = {}
         self._targets: dict[int, list[tuple[int, torch.Tensor]]] = {}  # j -> [(source, rows [n, d])]
         self._coeff: dict[int, torch.Tensor] = {}  # source -> (a' - a) masked, of the pass in flight
@@ -147,14 +134,19 @@ class Steering:
         return bool(self.steers)
 
     def set_steers(self, steers: list[Steer]) -> None:
-        """Replace the steers: rebuild the device tensors and (re)register the hooks (none when empty)."""
-        for handle in self.handles:
+        """Replace the steers. The new device tensors and hooks are built aside and swapped in only when
+        everything succeeded: on any error the previous steers stay, with their hooks, exactly as they were."""
+        state = self._build(list(steers))
+        encoders = self.record_encoders(state["_sources"])
+        handles: list[RemovableHandle] = []
+        if steers:
+            handles = self._register(state["_sources"], state["_targets"])
+        old, self.handles, self.layer_encoders = self.handles, handles, encoders
+        for handle in old:
             handle.remove()
-        self.handles = []
         self.steers = list(steers)
-        self._build()
-        if self.steers:
-            self.handles = self._register()
+        self._sources, self._targets, self._pos = state["_sources"], state["_targets"], state["_pos"]
+        self._coeff, self._coeff_pass = state["_coeff"], {}
 
     def set_value(self, steer: Steer, value: float) -> None:
         """A new value for an active steer: an in-place write (a compiled step is not recompiled)."""
@@ -186,26 +178,30 @@ class Steering:
 
     # ------------------------------------------------------------------ building
     @torch.inference_mode(False)  # normal tensors: updated in place later, in or out of inference mode
-    def _build(self) -> None:
+    def _build(self, steers: list[Steer]) -> dict[str, Any]:
+        """The per-steer-set state (device tensors, target rows, position counters) of ``steers``; nothing
+        of ``self`` changes."""
         tc = self.transcoder
         by_layer: dict[int, list[Steer]] = {}
-        for s in self.steers:
+        for s in steers:
             by_layer.setdefault(s.layer, []).append(s)
         elementwise = not tc.activation.takes_k
-        self._sources, self._targets, self._coeff, self._coeff_pass = {}, {}, {}, {}
+        sources: dict[int, _Source] = {}
+        targets: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        coeff: dict[int, torch.Tensor] = {}
         devices: dict[str, torch.device] = {}
-        for layer, steers in sorted(by_layer.items()):
+        for layer, group in sorted(by_layer.items()):
             enc = tc.encoder(layer)
             dev, dtype = enc.W_enc.device, enc.W_enc.dtype
             devices[str(dev)] = dev
-            feats = torch.tensor([s.feature for s in steers], dtype=torch.long, device=dev)
-            lo, hi = zip(*(bounds(s.positions, self._prompt) for s in steers))
+            feats = torch.tensor([s.feature for s in group], dtype=torch.long, device=dev)
+            lo, hi = zip(*(bounds(s.positions, self._prompt) for s in group))
             src = _Source(
-                steers,
+                group,
                 feats,
-                torch.tensor([s.value for s in steers], dtype=dtype, device=dev),
-                torch.tensor([s.mode == "clamp" for s in steers], device=dev),
-                torch.tensor([s.mode == "add" for s in steers], device=dev),
+                torch.tensor([s.value for s in group], dtype=dtype, device=dev),
+                torch.tensor([s.mode == "clamp" for s in group], device=dev),
+                torch.tensor([s.mode == "add" for s in group], device=dev),
                 torch.tensor(lo, dtype=torch.long, device=dev),
                 torch.tensor(hi, dtype=torch.long, device=dev),
                 enc.W_enc[feats].contiguous() if elementwise else None,
@@ -214,26 +210,27 @@ class Steering:
             )
             for t in (src.values, src.lo, src.hi):
                 _mark_static(t)
-            self._sources[layer] = src
+            sources[layer] = src
             # a placeholder keeps the keys of the per-pass dict stable (a compiled step guards on them)
-            self._coeff[layer] = torch.zeros(1, 1, len(steers), dtype=dtype, device=dev)
-            for j in sorted({j for s in steers for j in s.rows}):
+            coeff[layer] = torch.zeros(1, 1, len(group), dtype=dtype, device=dev)
+            for j in sorted({j for s in group for j in s.rows}):
                 rows = torch.stack([s.rows[j] if j in s.rows else torch.zeros_like(next(iter(s.rows.values())))
-                                    for s in steers])
-                self._targets.setdefault(j, []).append((layer, rows))
-        self._pos = {k: self._pos.get(k, torch.zeros(1, dtype=torch.long, device=d)) for k, d in devices.items()}
-        for p in self._pos.values():
+                                    for s in group])
+                targets.setdefault(j, []).append((layer, rows))
+        pos = {k: self._pos.get(k, torch.zeros(1, dtype=torch.long, device=d)) for k, d in devices.items()}
+        for p in pos.values():
             _mark_static(p)
+        return {"_sources": sources, "_targets": targets, "_coeff": coeff, "_coeff_pass": {}, "_pos": pos}
 
-    def _register(self) -> list[RemovableHandle]:
+    def _register(self, sources: dict[int, _Source], targets: dict[int, Any]) -> list[RemovableHandle]:
         handles: list[RemovableHandle] = []
         try:
             handles.append(self.model.register_forward_pre_hook(self._on_model_pre, with_kwargs=True))
             handles.append(self.stack.register_forward_pre_hook(self._on_stack_pre, with_kwargs=True))
             handles.append(self.stack.register_forward_hook(self._on_stack_post, with_kwargs=True))
             # readers first: where a site is both read and written, the read sees the unsteered value
-            handles.extend(hook_sites({s: self.input_points[s] for s in self._sources}, self._read))
-            handles.extend(hook_sites({j: self.output_point(j) for j in self._targets}, self._write))
+            handles.extend(hook_sites({s: self.input_points[s] for s in sources}, self._read))
+            handles.extend(hook_sites({j: self.output_point(j) for j in targets}, self._write))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -327,9 +324,9 @@ class Steering:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------ recording
-    def record_encoders(self) -> dict[int, RecordEncoder]:
-        """The recorder's per-layer encoders for steered layers (see :meth:`record_encoder`)."""
-        return {layer: self._record_encoder(layer) for layer in self._sources}
+    def record_encoders(self, sources: Mapping[int, _Source]) -> dict[int, RecordEncoder]:
+        """The recorder's per-layer encoders for the steered layers ``sources`` (see :meth:`record_encode`)."""
+        return {layer: self._record_encoder(layer) for layer in sources}
 
     def _record_encoder(self, layer: int) -> RecordEncoder:
         def encode(rows: torch.Tensor, batch: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,103 +374,6 @@ def _stack_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         ref = args[0]
     return ref
 
-
-def check_steer(
-    layer: object, feature: object, value: object, mode: object, positions: object,
-    widths: Mapping[int, int], active: list[Steer],
-) -> Steer:
-    """A validated :class:`Steer` (no rows yet); ``widths``: the attachment's layer -> n_features."""
-    if not _is_int(layer) or int(layer) not in widths:  # type: ignore[call-overload]
-        raise IncompatibleTranscoderError(
-            f"cannot steer layer {layer!r}: this attachment has transcoder layers {list(widths)}"
-        )
-    layer = int(layer)  # type: ignore[call-overload]
-    width = widths[layer]
-    if not _is_int(feature) or not 0 <= int(feature) < width:  # type: ignore[call-overload]
-        raise ValueError(f"feature must be an integer in [0, {width}) for layer {layer}, got {feature!r}")
-    feature = int(feature)  # type: ignore[call-overload]
-    number = check_value(value)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    where = check_positions(positions)
-    if any(s.layer == layer and s.feature == feature for s in active):
-        raise ValueError(f"feature {feature} of layer {layer} is already steered: remove that steer or set() its value")
-    return Steer(layer, feature, number, str(mode), where)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_value(value: object) -> float:
-    """A steering value as a float: a finite real number (a one-element tensor is accepted)."""
-    if torch.is_tensor(value) and value.numel() == 1 and value.dtype != torch.bool:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"value must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_positions(positions: object) -> str | slice:
-    """``"all"``, ``"prompt"``, ``"generated"`` or a slice of absolute positions (start >= 0, stop > start)."""
-    if isinstance(positions, str):
-        if positions not in POSITION_NAMES:
-            raise ValueError(
-                f"positions must be one of {', '.join(map(repr, POSITION_NAMES))} or a slice of absolute "
-                f"positions, got {positions!r}"
-            )
-        return positions
-    if not isinstance(positions, slice):
-        raise ValueError(f"positions must be 'all', 'prompt', 'generated' or a slice, got {positions!r}")
-    start, stop, step = positions.start, positions.stop, positions.step
-    for name, v in (("start", start), ("stop", stop), ("step", step)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"positions slice {name} must be an integer or None, got {v!r}")
-    if step not in (None, 1):
-        raise ValueError(f"positions slice must have step 1, got {positions!r}")
-    if (start is not None and start < 0) or (stop is not None and stop < 0):
-        raise ValueError(f"positions slice must use non-negative absolute positions, got {positions!r}")
-    if stop is not None and stop <= (start or 0):
-        raise ValueError(f"positions slice is empty (start >= stop): {positions!r}")
-    return slice(start, stop)
-
-
-
-
-
-class SteeringHandle:
-    """What :meth:`CLTAttachment.steer` returns: :meth:`remove` it (or use it as a context manager);
-    :meth:`set` a new value (an in-place write: a compiled decode step is not recompiled)."""
-
-    def __init__(self, owner: Any, steer: Steer) -> None:
-        self._owner = owner
-        self.steer = steer
-
-    @property
-    def active(self) -> bool:
-        return any(s is self.steer for s in self._owner._steering.steers)
-
-    @property
-    def value(self) -> float:
-        return self.steer.value
-
-    def set(self, value: float) -> None:
-        self._owner._set_steer_value(self.steer, value)
-
-    def remove(self) -> None:
-        """Stop this steer (idempotent). With no steer left, the model runs bitwise as without steering."""
-        self._owner._remove_steer(self.steer)
-
-    def __enter__(self) -> SteeringHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        s = self.steer
-        return (f"SteeringHandle(layer={s.layer}, feature={s.feature}, value={s.value}, mode={s.mode!r}, "
-                f"positions={s.to_dict()['positions']!r}, active={self.active})")
 
 __all__ = [
     "MODES",

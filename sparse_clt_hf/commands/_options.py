@@ -6,7 +6,6 @@ errors answer at once); the values are checked by argparse, the device's availab
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,13 +175,12 @@ def find_tokenizer(model: str | None, folders: list[Path]):
         for name, key in (("manifest.json", "model"), ("config.yaml", "model_name")):
             path = folder / name
             if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                if name.endswith(".json"):
-                    named = json.loads(text).get(key)
-                else:
-                    import yaml
+                from ..errors import SparseCLTError
+                from ..io.structured import load_json, load_yaml
 
-                    named = (yaml.safe_load(text) or {}).get(key)
-                if named:
+                read = load_json if name.endswith(".json") else load_yaml
+                data = read(path.read_bytes(), str(path), error=SparseCLTError)
+                named = data.get(key) if isinstance(data, dict) else None
+                if isinstance(named, str) and named:
                     return load_tokenizer(named)
     return load_tokenizer(None)

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows per shard (default: as many as fit 256 MiB of features, a multiple of the batch size)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl record / dataset column holding the text")
     p.add_argument("--split", default="train", help="split of a `datasets` dataset")
+    p.add_argument("--follow-links", action="store_true",
+                   help="in a --data folder, also read .txt links that point outside it (refused by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(p)  # the device: each accelerate process's own (--device must agree); --device-map: one process
 
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     layers = parse_layers(args.layers) if args.layers else None
     # cheap checks first: a bad --data fails before the model is loaded
-    source = open_data(args.data, field=args.text_field, max_docs=args.max_docs, split=args.split)
+    source = open_data(args.data, field=args.text_field, max_docs=args.max_docs, split=args.split,
+                       follow_links=args.follow_links)
     state = _partial_state()
     wanted = resolve_device(args)
     if args.device is not None and torch.device(wanted).type != state.device.type:

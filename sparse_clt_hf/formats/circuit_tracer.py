@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ..errors import HookSiteError, TranscoderFormatError
 from ..io.sources import FileSource
+from ..io.structured import load_yaml
 from ..layer_encoder import FORMAT_VERSION, INPUT_TRANSFORMS, LayerEncoder, TranscoderConfig
 from ..sites import (
     NORM_DEPENDENT_HOOKS,
@@ -59,10 +60,7 @@ def read_config(source: FileSource) -> dict[str, Any] | None:
         return None
     label = f"{source.name}/config.yaml"
     text = decode_text(source.fetch("config.yaml").read_bytes(), label)
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise TranscoderFormatError(f"{label} is not valid YAML: {exc}") from exc
+    data = load_yaml(text, label, error=TranscoderFormatError)
     return data if isinstance(data, dict) else None
 
 

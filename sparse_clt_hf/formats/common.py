@@ -7,7 +7,6 @@ and turns library errors into :class:`TranscoderFormatError` naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import zipfile
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from ..errors import HubAccessError, SparseCLTError, TranscoderFormatError
 from ..io.sources import FileSource, Header, TensorInfo
+from ..io.structured import load_json_object
 from ..layer_encoder import check_shape
 from .base import Summary
 from .checks import check_tensor, decode_text
@@ -38,13 +38,7 @@ def read_json(source: FileSource, path: str) -> dict[str, Any]:
     """Parse a JSON object file of ``source`` with an error naming the file."""
     label = f"{source.name}/{path}"
     text = decode_text(source.fetch(path).read_bytes(), label)
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise TranscoderFormatError(f"{label} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TranscoderFormatError(f"{label}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return load_json_object(text, label, error=TranscoderFormatError)
 
 
 def choose_layers(

@@ -15,7 +15,6 @@ Only the public huggingface_hub API is used (0.34 to 2.x). The endpoint is read 
 from __future__ import annotations
 
 import io
-import json
 import os
 import posixpath
 import re
@@ -27,6 +26,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from ..errors import HubAccessError, TranscoderFormatError
 from .ranges import RangeFile, hub_range
+from .structured import load_json_object
 
 
 class TensorInfo(NamedTuple):
@@ -436,8 +436,9 @@ def read_safetensors_header(path: Path, label: str | None = None) -> Header:
             raise TranscoderFormatError(
                 f"{label}: not a safetensors file (header length {n} does not fit a file of {size} bytes)"
             )
+        meta = load_json_object(fh.read(n), f"{label}: safetensors header", error=TranscoderFormatError,
+                                limit=100_000_000)
         try:
-            meta = json.loads(fh.read(n))
             out = {k: TensorInfo(v["dtype"], list(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise TranscoderFormatError(f"{label}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
