@@ -12,6 +12,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-n", type=int, default=10, help="max-activating contexts kept per feature")
     p.add_argument("--context", type=int, default=8, help="tokens kept either side of each context's position")
     p.add_argument("--show", type=int, default=5, help="most frequent features printed per layer")
+    p.add_argument("--dashboard", action="store_true",
+                   help="also compute dashboard statistics (histograms, quantile examples) into DIR/dashboard.safetensors "
+                        "for `sparse-clt-hf dashboard DIR`")
+    p.add_argument("--bins", type=int, default=32, help="with --dashboard: activation histogram bins per feature")
+    p.add_argument("--quantiles", type=int, default=5, help="with --dashboard: quantile groups per feature")
+    p.add_argument("--samples", type=int, default=3, help="with --dashboard: examples sampled per quantile group")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,6 +25,11 @@ def run(args: argparse.Namespace) -> int:
 
     stats = feature_stats(args.dir, top_n=args.top_n, context=args.context)
     summary = {"stats": f"{args.dir}/{STATS_FILE}", "n_positions": stats.n_positions, "layers": []}
+    if getattr(args, "dashboard", False):
+        from ..dashboard.stats import DASHBOARD_FILE, dashboard_stats
+
+        dashboard_stats(args.dir, base=stats, bins=args.bins, quantiles=args.quantiles, samples=args.samples)
+        summary["dashboard"] = f"{args.dir}/{DASHBOARD_FILE}"
     for layer in stats.layers:
         freq = stats.frequency(layer)
         top = freq.argsort(descending=True, stable=True)[: args.show].tolist()
