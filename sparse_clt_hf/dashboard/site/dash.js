@@ -98,7 +98,17 @@
     $('shown').textContent = Math.min(rows.length, state.limit) + ' of ' + rows.length + ' features shown';
     $('more').hidden = rows.length <= state.limit;
   }
+  function hashOptions() {  /* index.html#L6&sort=max&asc=1&q=text: a linkable sorted or filtered view */
+    var o = {};
+    location.hash.replace(/^#/, '').split('&').slice(1).forEach(function (kv) {
+      var i = kv.indexOf('='); if (i > 0) o[kv.slice(0, i)] = decodeURIComponent(kv.slice(i + 1));
+    });
+    return o;
+  }
   function startIndex() {
+    var o = hashOptions();
+    if (o.sort && ['id', 'label', 'freq', 'max', 'mean'].indexOf(o.sort) >= 0) { state.key = o.sort; state.asc = o.asc === '1'; }
+    if (o.q) $('search').value = o.q;
     meta().then(function (m) {
       var redraw = function () { layerIndex(currentLayer(m)).then(function (d) { renderTable(m, currentLayer(m), d); }); };
       document.querySelectorAll('th').forEach(function (th) {
