@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_transcoder
+from tiny_models import tiny_model
 
 from sparse_clt_hf.dashboard.logits import LogitEffectsError, logit_effects, unembedding_of
-from tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("which", ["sum", "last"])

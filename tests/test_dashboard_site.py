@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import random_transcoder
 from test_extract import DOCS, char_tokenizer
 from test_view import png_pixels_vary, run_chromium
