@@ -146,3 +146,27 @@ def test_errors(tmp_path):
         dashboard_stats(random_features(), bins=0)
     with pytest.raises(FeatureStatsError, match="dashboard.safetensors"):
         DashboardStats.load(tmp_path)
+
+
+def test_exact_frequency_report():
+    feats = random_features(5)
+    ds = dashboard_stats(feats, top_n=2, context=1)
+    assert all(ds.exact(layer)["exact"] for layer in ds.layers)  # l0 never above the recorded k
+    feats.l0[0, 3, 1] = 7  # more active features than the 3 recorded, at a valid position
+    feats.l0[0, 4, 1] = 5
+    feats.l0[1, 0, 1] = 9  # padding: not counted
+    ds = dashboard_stats(feats, top_n=2, context=1)
+    assert ds.exact(3) == {"exact": True, "truncated": 0, "max_l0": int(feats.l0[..., 0][feats.mask].max()),
+                           "recorded_k": 3}
+    assert ds.exact(7) == {"exact": False, "truncated": 2, "max_l0": 7, "recorded_k": 3}
+
+
+def test_stats_command_with_dashboard(extracted, capsys):  # noqa: F811
+    from sparse_clt_hf import cli
+
+    assert cli.main(["stats", str(extracted), "--dashboard", "--bins", "6", "--quantiles", "2", "--samples", "1",
+                     "--json"]) == 0
+    assert "dashboard.safetensors" in capsys.readouterr().out
+    ds = DashboardStats.load(extracted)
+    assert (ds.bins, ds.quantiles, ds.samples) == (6, 2, 1)
+    assert_matches(ds, load_extracted(extracted), 6, 2, 1, ds.base.context)

@@ -145,7 +145,8 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
             _write_js(folder / f"c{start // chunk}.js", f"L{layer}/c{start // chunk}",
                       {"features": feats, "vocab": vocab(used)})
         layers_meta.append({"layer": layer, "n_features": m, "chunk": chunk,
-                            "density": density_histogram(base, layer), "alive": sum(1 for c in count if c)})
+                            "density": density_histogram(base, layer), "alive": sum(1 for c in count if c),
+                            "exact": stats.exact(layer)})
     meta = {"title": title or "Feature dashboards", "n_positions": base.n_positions, "layers": layers_meta,
             "bins": stats.bins, "quantiles": stats.quantiles, "samples": stats.samples, "context": base.context,
             "top_n": base.top_n, "fires": FIRES_NOTE, "notes": list(notes or []), "source": source or {},

@@ -21,11 +21,14 @@ On top of :func:`~sparse_clt_hf.feature_stats.feature_stats` (count, sum, max, t
 and samples see only recorded activations. With an extraction whose ``top_k`` is below the number of
 active features (``l0``), weak activations are missing and frequency is a lower bound; extract with
 a larger ``top_k`` (or the transcoder's own ``k`` for a TopK transcoder, which is then exact).
+:meth:`DashboardStats.exact` tells which case a layer is in: the positions whose ``l0`` exceeded the
+recorded ``k`` and the largest ``l0`` (the ``top_k`` that records every active feature densely).
 
 File ``DIR/dashboard.safetensors``: tensors ``hist`` [L, M, B] int64, ``quantile_edges`` [L, M, Q+1]
 int64, ``example_group`` [L, M, E] int64 (-1 top context, else the group; -2 empty), ``example_value``
 [L, M, E] float32, ``example_document``/``example_position`` [L, M, E] int64, ``example_tokens``
-[L, M, E, 2c+1] int64, ``example_acts`` [L, M, E, 2c+1] float32 with ``E = top_n + Q * S``; metadata
+[L, M, E, 2c+1] int64, ``example_acts`` [L, M, E, 2c+1] float32 with ``E = top_n + Q * S``,
+``truncated`` and ``max_l0`` [L] int64, ``recorded_k`` [1] (see :meth:`DashboardStats.exact`); metadata
 ``format``, ``version``, ``bins``, ``quantiles``, ``samples`` and the base statistics' ``layers``,
 ``n_features``, ``n_positions``.
 """
@@ -206,6 +209,15 @@ class DashboardStats:
                                [float(a[i]) for i in inside], c - left))
         return out
 
+    def exact(self, layer: int) -> dict:
+        """Whether frequencies of ``layer`` are exact: ``truncated`` counts the positions with more
+        active features (``l0``) than the ``recorded_k`` kept; when 0, every active feature was recorded.
+        ``max_l0`` is the ``top_k`` an extraction needs for exact counts (dense encoding of all features)."""
+        li = self.base._li(layer)
+        trunc = int(self._t["truncated"][li])
+        return {"exact": trunc == 0, "truncated": trunc, "max_l0": int(self._t["max_l0"][li]),
+                "recorded_k": int(self._t["recorded_k"][0])}
+
     # ------------------------------------------------------------------ IO
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``dashboard.safetensors`` (atomically); the base statistics are saved separately."""
@@ -288,11 +300,19 @@ def _compute(base: FeatureStats, blocks, bins: int, quantiles: int, samples: int
     n = n_layers * m
     mx = torch.stack([torch.nn.functional.pad(base.max(layer), (0, m - w))
                       for layer, w in zip(base.layers, base.n_features)]).reshape(n)
-    # pass 2: histograms
+    # pass 2: histograms, and how many (position, layer) had more active features than were recorded
     hist = torch.zeros(n * bins, dtype=torch.int64)
+    truncated = torch.zeros(n_layers, dtype=torch.int64)
+    max_l0 = torch.zeros(n_layers, dtype=torch.int64)
+    recorded_k = 0
     for f, documents, offsets in blocks():
         key, act, _, _ = _entries(f, documents, offsets, m)
         hist += torch.bincount(key * bins + _bins(act, mx[key], bins), minlength=n * bins)
+        recorded_k = f.indices.shape[-1]
+        l0 = torch.where(f.mask.bool()[:, :, None], f.l0.long(), torch.zeros((), dtype=torch.int64))
+        truncated += (l0 > recorded_k).sum((0, 1))
+        if l0.numel():
+            max_l0 = torch.maximum(max_l0, l0.amax((0, 1)))
     hist = hist.view(n, bins)
     total = hist.sum(1)
     cum = hist.cumsum(1)
@@ -336,7 +356,8 @@ def _compute(base: FeatureStats, blocks, bins: int, quantiles: int, samples: int
     tensors = {"hist": hist.view(*shape, bins), "quantile_edges": edges.view(*shape, quantiles + 1),
                "example_group": ex_group.view(*shape, e), "example_value": ex_val.view(*shape, e),
                "example_document": ex_doc.view(*shape, e), "example_position": ex_pos.view(*shape, e),
-               "example_tokens": tokens.view(*shape, e, width), "example_acts": acts.view(*shape, e, width)}
+               "example_tokens": tokens.view(*shape, e, width), "example_acts": acts.view(*shape, e, width),
+               "truncated": truncated, "max_l0": max_l0, "recorded_k": torch.tensor([recorded_k])}
     return DashboardStats(base, bins, quantiles, samples, tensors)
 
 

@@ -24,6 +24,7 @@
   function $(id) { return document.getElementById(id); }
   function fmt(v) { return v === 0 ? '0' : Math.abs(v) >= 1e-3 ? (+v.toPrecision(4)).toString() : v.toExponential(2); }
   function pct(v) { return (100 * v).toPrecision(3) + '%'; }
+  function shown(t) { return /^\s*$/.test(t) ? JSON.stringify(t) : visible(t); }
   function visible(t) { return t.replace(/\n/g, '\u21b5').replace(/\t/g, '\u2192').replace(/\r/g, ''); }
   var SVG = 'http://www.w3.org/2000/svg';
   function bars(counts, opts) {
@@ -45,6 +46,11 @@
     });
     return svg;
   }
+  function exactNote(x) {
+    if (x.exact) return 'Frequencies are exact: no position had more active features than the ' + x.recorded_k + ' recorded.';
+    return x.truncated + ' positions had more active features than the ' + x.recorded_k + ' recorded (up to ' + x.max_l0 +
+      '): frequencies count top-' + x.recorded_k + ' membership and are lower bounds; extract with --top-k ' + x.max_l0 + ' for exact counts.';
+  }
   function meta() { return DASH.load('meta', 'data/meta.js'); }
   function layerIndex(layer) { return DASH.load('L' + layer, 'data/L' + layer + '/index.js'); }
 
@@ -62,7 +68,7 @@
       var s = $('summary'); s.textContent = '';
       s.appendChild(el('p', {}, 'Layer ' + layer + ': ' + L.alive + ' of ' + L.n_features + ' features fired over ' +
         m.n_positions + ' positions. '));
-      s.appendChild(el('p', {'class': 'note'}, 'Frequency: ' + m.fires + '.'));
+      s.appendChild(el('p', {'class': 'note', id: 'exact'}, exactNote(L.exact)));
       var dn = $('density'); dn.textContent = ''; dn.appendChild(el('h2', {}, 'Feature density (log10 frequency; ' + L.density.dead + ' never fired)'));
       var e = L.density.edges;
       dn.appendChild(bars(L.density.counts, {width: 480, height: 90, label: function (i) { return '10^' + e[i].toFixed(2) + '..10^' + e[i + 1].toFixed(2); },
@@ -150,7 +156,7 @@
       var s = $('summary'); s.textContent = '';
       s.appendChild(el('p', {id: 'freq'}, 'frequency ' + pct(d.count[f] / Math.max(m.n_positions, 1)) + ' (' + d.count[f] + ' of ' +
         m.n_positions + ' positions), max ' + fmt(d.max[f]) + ', mean ' + fmt(d.mean[f])));
-      s.appendChild(el('p', {'class': 'note'}, 'Frequency: ' + m.fires + '.'));
+      s.appendChild(el('p', {'class': 'note', id: 'exact'}, exactNote(L.exact)));
       var mx = d.max[f] || 1, h = $('histogram');
       h.querySelectorAll('svg,p').forEach(function (x) { x.remove(); });
       var groupOf = function (i) { for (var g = 0; g < rec.g.length; g++) if (i < rec.g[g][1] / mx * m.bins - 1e-9) return g; return rec.g.length - 1; };
@@ -164,8 +170,8 @@
         var hr = el('tr'); hr.appendChild(el('th', {}, 'raises')); hr.appendChild(el('th', {}, '')); hr.appendChild(el('th', {}, 'lowers')); hr.appendChild(el('th', {}, '')); t.appendChild(hr);
         for (var i = 0; i < rec.lt.length; i++) {
           var tr = el('tr');
-          tr.appendChild(el('td', {'class': 'pos'}, visible(tok(rec.lt[i][0])))); tr.appendChild(el('td', {'class': 'num'}, fmt(rec.lt[i][1])));
-          tr.appendChild(el('td', {'class': 'neg'}, visible(tok(rec.lb[i][0])))); tr.appendChild(el('td', {'class': 'num'}, fmt(rec.lb[i][1])));
+          tr.appendChild(el('td', {'class': 'pos'}, shown(tok(rec.lt[i][0])))); tr.appendChild(el('td', {'class': 'num'}, fmt(rec.lt[i][1])));
+          tr.appendChild(el('td', {'class': 'neg'}, shown(tok(rec.lb[i][0])))); tr.appendChild(el('td', {'class': 'num'}, fmt(rec.lb[i][1])));
           t.appendChild(tr);
         }
         lg.appendChild(t);
