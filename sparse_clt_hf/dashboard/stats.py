@@ -108,11 +108,11 @@ def _bins(act: torch.Tensor, mx: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def _keep_lowest(score: torch.Tensor, cols: list[torch.Tensor], slot: torch.Tensor, new_score: torch.Tensor,
                  new_cols: list[torch.Tensor], n: int) -> None:
-    """Keep per slot the ``n`` lowest scores (stored ones first among ties, then arrival order)."""
+    """Keep per slot the ``n`` lowest scores (scores in ``[0, 2**31)``; stored ones first among ties,
+    then arrival order)."""
     if slot.numel() == 0:
         return
-    o1 = new_score.sort(stable=True).indices
-    order = o1[slot[o1].sort(stable=True).indices]
+    order = (slot * (_P + 1) + new_score).sort(stable=True).indices  # by slot, then score, then arrival
     s_sorted = slot[order]
     uniq, counts = torch.unique_consecutive(s_sorted, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -258,10 +258,14 @@ class DashboardStats:
 
 # ---------------------------------------------------------------------------- computation
 def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, m: int,
-             context: int, chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and the feature's activations [Q, 2c+1] around each query (key, document, position)."""
+             context: int, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and the feature's activations [Q, 2c+1] around each query (key, document, position): each
+    window position is looked up among the block's recorded entries, sorted once by (row, position, key)."""
     span = torch.arange(-context, context + 1)
     n_q = key.numel()
+    # queries in (document, position) order: the lookups below then walk the sorted entries in order
+    by_place = (doc * _STRIDE + pos).argsort()
+    key, doc, pos = key[by_place], doc[by_place], pos[by_place]
     tokens = torch.full((n_q, span.numel()), -1, dtype=torch.int64)
     acts = torch.zeros((n_q, span.numel()), dtype=torch.float32)
     for f, documents, offsets in blocks:
@@ -269,29 +273,44 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
             continue
         documents, offsets = documents.long(), offsets.long()
         lo, hi = int(documents.min()), int(documents.max())
-        row_key = documents * _STRIDE + offsets
-        order = row_key.argsort()
-        row_key, rows = row_key[order], order
-        t_len = f.mask.shape[1]
         near = ((doc >= lo) & (doc <= hi)).nonzero(as_tuple=True)[0]
-        for start in range(0, near.numel(), chunk):
-            q = near[start : start + chunk]
-            p = pos[q][:, None] + span
-            d = doc[q][:, None].expand_as(p)
+        if near.numel() == 0:
+            continue
+        n_rows, t_len = f.mask.shape
+        n_keys = f.indices.shape[2] * m
+        row_key = documents * _STRIDE + offsets
+        rows = row_key.argsort()
+        row_key = row_key[rows]
+        mask = f.mask.bool()
+        valid = (f.indices >= 0) & mask[:, :, None, None]
+        w, t, li, ki = valid.nonzero(as_tuple=True)
+        entry = (w * t_len + t) * n_keys + li * m + f.indices[w, t, li, ki].long()  # ascending per (w, t)
+        entry, order = entry.sort()
+        entry_val = f.values[w, t, li, ki].float()[order]
+        width = span.numel()
+        tok_flat, mask_flat = f.token_ids.reshape(-1), mask.reshape(-1)
+        for start in range(0, near.numel(), max(1, chunk // width)):
+            q = near[start : start + max(1, chunk // width)]
+            p = (pos[q][:, None] + span).reshape(-1)
+            d = doc[q].repeat_interleave(width)
             at = (torch.searchsorted(row_key, d * _STRIDE + p.clamp_min(0), right=True) - 1).clamp_min(0)
             r = rows[at]
-            t = p - offsets[r]
-            ok = (p >= 0) & (documents[r] == d) & (t >= 0) & (t < t_len)
-            t = t.clamp(0, t_len - 1)
-            ok &= f.mask[r, t].bool()
-            li = (key[q] // m)[:, None].expand_as(p)
-            feat = (key[q] % m)[:, None]
-            idx = f.indices[r, t, li].long()  # [q, 2c+1, k]
-            val = (f.values[r, t, li].float() * (idx == feat[:, :, None])).sum(-1)
-            qq = q[:, None].expand_as(p)
-            tokens[qq[ok], span.expand_as(p)[ok] + context] = f.token_ids[r, t][ok].long()
-            acts[qq[ok], span.expand_as(p)[ok] + context] = val[ok]
-    return tokens, acts
+            tt = p - offsets[r]
+            ok = (p >= 0) & (documents[r] == d) & (tt >= 0) & (tt < t_len)
+            flat = r * t_len + tt.clamp(0, t_len - 1)
+            ok &= mask_flat[flat]
+            out = (q[:, None] * width + span + context).reshape(-1)
+            sel = ok.nonzero(as_tuple=True)[0]
+            tokens.view(-1)[out[sel]] = tok_flat[flat[sel]].long()
+            if entry.numel() == 0:
+                continue
+            qk = flat[sel] * n_keys + key[q].repeat_interleave(width)[sel]
+            hit_at = torch.searchsorted(entry, qk).clamp_max(entry.numel() - 1)
+            hit = entry[hit_at] == qk
+            acts.view(-1)[out[sel[hit]]] = entry_val[hit_at[hit]]
+    back = torch.empty_like(by_place)
+    back[by_place] = torch.arange(n_q)
+    return tokens[back], acts[back]
 
 
 def _compute(base: FeatureStats, blocks, bins: int, quantiles: int, samples: int) -> DashboardStats:
