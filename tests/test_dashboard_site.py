@@ -20,6 +20,7 @@ from sparse_clt_hf import cli
 from sparse_clt_hf.dashboard import DashboardStats, dashboard_stats
 from sparse_clt_hf.dashboard.exports import cantor
 from sparse_clt_hf.dashboard.site import DashboardError, build_site
+from sparse_clt_hf.view import feature_label
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 
@@ -63,11 +64,14 @@ def test_site_data_matches_statistics_and_dense_logits(built):
 
     W_U = AutoModelForCausalLM.from_pretrained(root / "model").get_output_embeddings().weight.detach().double()
     tc = CrossLayerTranscoder.from_pretrained(root / "clt", decoders=True)
+    tok = char_tokenizer()
     _, meta = read_js(site / "data" / "meta.js")
     assert [entry["layer"] for entry in meta["layers"]] == [0, 2]
     for li, layer in enumerate(ds.layers):
         name, index = read_js(site / "data" / f"L{layer}" / "index.js")
         assert name == f"L{layer}" and index["count"] == ds.base.count(layer).tolist()
+        assert index["label"] == [feature_label(ds.base, tok, layer, f) if c else ""  # dead features: no label
+                                  for f, c in enumerate(index["count"])]
         dense = tc.encoder(layer).W_dec.double().sum(1) @ W_U.T  # [m, vocab] at once
         for f in range(ds.base.n_features[li]):
             _, chunk = read_js(site / "data" / f"L{layer}" / f"c{f // 256}.js")
@@ -76,6 +80,7 @@ def test_site_data_matches_statistics_and_dense_logits(built):
             assert len(rec["ex"]) == len(ds.examples(layer, f))
             for e, got in zip(ds.examples(layer, f), rec["ex"]):
                 assert got[0] == e.group and got[3] == e.token_ids and got[2] == e.index
+                assert got[4] == pytest.approx(e.acts, rel=1e-3, abs=1e-4 * float(ds.base.max(layer)[f]))
             assert [i for i, _ in rec["lt"]] == dense[f].argsort(descending=True)[:5].tolist()
             assert [i for i, _ in rec["lb"]] == dense[f].argsort()[:5].tolist()
             for i in [i for i, _ in rec["lt"]] + [t for e in rec["ex"] for t in e[3]]:

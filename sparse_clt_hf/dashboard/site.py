@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import SparseCLTError
 from .logits import LogitEffects
@@ -61,19 +64,46 @@ def _r(v: float) -> float:
     return float(f"{v:.4g}")
 
 
+def _rounded(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` [m, ...] rounded to 4 significant digits of each row's ``scale`` [m] (float64, so that the
+    JSON shows short decimals), computed on the whole tensor at once."""
+    s = scale.double().abs().clamp_min(1e-30)
+    digits = (3 - s.log10().floor()).clamp(-30, 30)
+    p = torch.pow(10.0, digits).view(-1, *([1] * (x.dim() - 1)))
+    return (x.double() * p).round() / p
+
+
+class _Labels:
+    """Feature labels as :func:`sparse_clt_hf.view.feature_label` writes them, with the top tokens
+    (:meth:`FeatureStats.top_tokens`: most frequent max-activating token of the top contexts, ties to
+    the stronger context) read from one list per layer instead of per feature."""
+
+    def __init__(self, center: list[list[int]], documents: list[list[int]]) -> None:
+        self.center, self.documents = center, documents
+
+    def top_tokens(self, f: int, n: int = 3) -> list[int]:
+        tokens = [t for t, d in zip(self.center[f], self.documents[f]) if d >= 0 and t >= 0]
+        counts = Counter(tokens)
+        first: dict[int, int] = {}
+        for i, t in enumerate(tokens):
+            first.setdefault(t, i)
+        return sorted(counts, key=lambda t: (-counts[t], first[t]))[:n]
+
+
 class _Vocab:
     """Token id -> text, decoded once per id."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer, self.cache = tokenizer, {}
 
-    def __call__(self, ids) -> dict[str, str]:
-        new = sorted({int(i) for i in ids if int(i) >= 0} - set(self.cache))
+    def __call__(self, ids: list[int]) -> dict[str, str]:
+        cache = self.cache
+        new = sorted({i for i in ids if i >= 0 and i not in cache})
         if new:
             texts = self.tokenizer.batch_decode([[i] for i in new]) if hasattr(self.tokenizer, "batch_decode") \
                 else [self.tokenizer.decode([i]) for i in new]
-            self.cache.update(zip(new, texts))
-        return {str(int(i)): self.cache[int(i)] for i in ids if int(i) >= 0}
+            cache.update(zip(new, texts))
+        return {str(i): cache[i] for i in set(ids) if i >= 0}
 
 
 def _write_js(path: Path, name: str, data: Any) -> None:
@@ -92,7 +122,7 @@ def _feature_record(bins: int, context: int, f: int, t: dict[str, list]) -> dict
             continue
         inside = [i for i, tok in enumerate(window) if tok >= 0]
         left = sum(1 for tok in window[:context] if tok < 0)
-        examples.append([g, _r(v), context - left, [window[i] for i in inside], [_r(acts[i]) for i in inside]])
+        examples.append([g, v, context - left, [window[i] for i in inside], [acts[i] for i in inside]])
     return {"h": hist, "n": sum(hist), "g": groups, "ex": examples}
 
 
@@ -101,8 +131,6 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
                source: dict[str, Any] | None = None, chunk: int = CHUNK) -> Path:
     """Write the static site for ``stats`` into ``out`` (see the module doc) and return ``out/index.html``.
     ``tokenizer`` decodes token ids; ``logits`` (from :func:`logit_effects`) adds logit effects."""
-    from ..view import feature_label
-
     out = check_out_dir(out)
     logits = logits or {}
     base = stats.base
@@ -117,15 +145,19 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
         folder = out / "data" / f"L{layer}"
         folder.mkdir(parents=True, exist_ok=True)
         count, mx, mean = base.count(layer).tolist(), base.max(layer).tolist(), base.mean(layer).tolist()
-        top_tokens = base._t["top_tokens"][li, :m, :, base.context].tolist()  # center token of each top context
-        vocab([tok for row in top_tokens for tok in row])
-        labels = [feature_label(base, _CachedDecode(vocab), layer, f) if count[f] else "" for f in range(m)]
+        top = _Labels(base._t["top_tokens"][li, :m, :, base.context].tolist(),  # center token of each top context
+                      base._t["top_documents"][li, :m].tolist())
+        tops = [top.top_tokens(f) if count[f] else [] for f in range(m)]
+        vocab([tok for row in tops for tok in row])
+        labels = [repr([vocab.cache[i] for i in ids]) if ids else "" for ids in tops]
         _write_js(folder / "index.js", f"L{layer}", {
             "count": count, "max": [_r(v) for v in mx], "mean": [_r(v) for v in mean], "label": labels})
+        scale = base.max(layer)
         t = {"max": mx}
         for key, name in (("hist", "hist"), ("edges", "quantile_edges"), ("group", "example_group"),
                           ("value", "example_value"), ("tokens", "example_tokens"), ("acts", "example_acts")):
             t[key] = stats._t[name][li, :m]
+        t["value"], t["acts"] = _rounded(t["value"], scale), _rounded(t["acts"], scale)
         eff = logits.get(layer)
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
@@ -153,13 +185,3 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
             "logits": {str(layer): e.which for layer, e in logits.items()}}
     _write_js(out / "data" / "meta.js", "meta", meta)
     return out / "index.html"
-
-
-class _CachedDecode:
-    """A tokenizer stand-in whose ``decode([id])`` reads the site's decoded-token cache."""
-
-    def __init__(self, vocab: _Vocab) -> None:
-        self.vocab = vocab
-
-    def decode(self, ids, **_: Any) -> str:
-        return "".join(self.vocab(ids).values())
