@@ -190,16 +190,19 @@ class Features:
         sequences: Any = None,
         prompt_len: int | None = None,
         title: str | None = None,
+        dashboard: str | None = None,
     ) -> Path:
         """Write a self-contained HTML page to read batch row ``row`` token by token: the text shaded by
         L0 or by a chosen feature, each token's top features per layer, and with ``stats`` (per-feature
         statistics, :class:`sparse_clt_hf.view.StatsLike`) labels, frequencies and max-activating
         contexts. ``sequences`` (e.g. ``generate``'s output) adds the last token, which has no features;
         ``prompt_len`` marks where the generation starts. ``path#t=N`` opens with token N selected.
-        See :mod:`sparse_clt_hf.view`."""
+        ``dashboard`` (a ``sparse-clt-hf dashboard`` site's folder, relative to the page or a URL) links
+        each selected feature to its dashboard page. See :mod:`sparse_clt_hf.view`."""
         from .view import write_html
 
-        return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title)
+        return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title,
+                          dashboard=dashboard)
 
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (metadata: layers, widths)."""

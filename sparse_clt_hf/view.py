@@ -101,6 +101,7 @@ def page_data(
     prompt_len: int | None = None,
     title: str | None = None,
     n_contexts: int = N_CONTEXTS,
+    dashboard: str | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready content of the page for batch row ``row`` (see :func:`write_html`).
 
@@ -109,6 +110,7 @@ def page_data(
     ``[feature, activation]`` pairs of the filled top-k slots, strongest first). ``vocab`` maps every id
     used on the page to its decoded text. ``stats`` maps ``"layer/feature"`` to that feature's
     statistics (``freq``, ``mean``, ``max``, ``count``, ``top`` token ids, ``ctx`` contexts) or is None.
+    ``dashboard``: the folder (or URL) of a ``sparse-clt-hf dashboard`` site the feature panel links to.
     """
     b, n_pos, n_layers, _ = features.indices.shape
     if not 0 <= row < b:
@@ -174,6 +176,7 @@ def page_data(
         "special": _special_ids(tokenizer),
         "stats": stats_data,
         "stats_positions": None if stats is None else int(stats.n_positions),
+        "dashboard": dashboard,
     }
 
 

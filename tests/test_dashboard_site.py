@@ -235,3 +235,19 @@ def test_demo_dashboard(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_dash, "dashboard_stats", lambda *a, **k: pytest.fail("must reuse the cached statistics"))
     assert cli.main(["dashboard", "--out", str(tmp_path / "site2"), "--json"]) == 0
     assert (tmp_path / "site2" / "data" / "L0" / "c0.js").read_text() == (tmp_path / "site" / "data" / "L0" / "c0.js").read_text()
+
+
+def test_token_view_links_to_the_dashboard(tmp_path):
+    from test_view import FakeTokenizer, make_features
+
+    feats, seq = make_features()
+    build_site(dashboard_stats(feats, top_n=2, context=1, bins=4, quantiles=2, samples=1), tmp_path / "site",
+               FakeTokenizer())
+    page = feats.to_html(tmp_path / "view.html", FakeTokenizer(), sequences=seq, dashboard="site")
+    f = int(feats.indices[0, 3, 0, 0])
+    dom = run_chromium("--dump-dom", page.resolve().as_uri() + f"#t=3&f=3/{f}")
+    (href,) = re.findall(r'<a class="dashboard" href="([^"]+)"', dom)
+    assert href == f"site/feature.html#L3/{f}"
+    target, fragment = href.split("#")
+    dom = run_chromium("--dump-dom", (tmp_path / target).resolve().as_uri() + "#" + fragment)
+    assert 'id="error"' not in dom and f"L3/{f}" in dom and 'class="ex"' in dom
