@@ -251,3 +251,13 @@ def test_token_view_links_to_the_dashboard(tmp_path):
     target, fragment = href.split("#")
     dom = run_chromium("--dump-dom", (tmp_path / target).resolve().as_uri() + "#" + fragment)
     assert 'id="error"' not in dom and f"L3/{f}" in dom and 'class="ex"' in dom
+
+
+def test_demo_dashboard_before_the_demo_ran(tmp_path, monkeypatch, capsys):
+    from sparse_clt_hf import demo
+
+    monkeypatch.setenv(demo.DEMO_ENV, str(tmp_path / "nothing"))
+    monkeypatch.setattr(demo, "load_model", lambda ref: pytest.fail("must fail before loading the model"))
+    assert cli.main(["dashboard", "--out", str(tmp_path / "site")]) == 1
+    assert "not fitted yet" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()

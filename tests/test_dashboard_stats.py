@@ -170,3 +170,15 @@ def test_stats_command_with_dashboard(extracted, capsys):  # noqa: F811
     ds = DashboardStats.load(extracted)
     assert (ds.bins, ds.quantiles, ds.samples) == (6, 2, 1)
     assert_matches(ds, load_extracted(extracted), 6, 2, 1, ds.base.context)
+
+
+def test_files_that_do_not_belong_together_are_refused(tmp_path):
+    ds = dashboard_stats(random_features(6), top_n=3, context=2)
+    ds.base.save(tmp_path / "stats.safetensors")
+    ds.save(tmp_path / "dashboard.safetensors")
+    assert DashboardStats.load(tmp_path).examples(3, 0) == ds.examples(3, 0)
+    from sparse_clt_hf import feature_stats
+
+    feature_stats(random_features(6), top_n=3, context=4).save(tmp_path / "stats.safetensors")
+    with pytest.raises(FeatureStatsError, match="context 2.*does not belong.*context 4"):
+        DashboardStats.load(tmp_path)

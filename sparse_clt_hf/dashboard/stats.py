@@ -247,12 +247,14 @@ class DashboardStats:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise FeatureStatsError(f"{path} is not a dashboard statistics file (format {meta.get('format')!r})")
-        mine = (json.loads(meta["layers"]), json.loads(meta["n_features"]), int(meta["n_positions"]))
-        if mine != (base.layers, base.n_features, base.n_positions):
+        mine = (json.loads(meta["layers"]), json.loads(meta["n_features"]), int(meta["n_positions"]),
+                int(meta["top_n"]), int(meta["context"]))
+        theirs = (base.layers, base.n_features, base.n_positions, base.top_n, base.context)
+        if mine != theirs:
+            what = "layers {}, widths {}, {} positions, top_n {}, context {}"
             raise FeatureStatsError(
-                f"{path} (layers {mine[0]}, widths {mine[1]}, {mine[2]} positions) does not belong with "
-                f"{directory / STATS_FILE} (layers {base.layers}, widths {base.n_features}, {base.n_positions} "
-                "positions): recompute both with `sparse-clt-hf stats DIR --dashboard`")
+                f"{path} ({what.format(*mine)}) does not belong with {directory / STATS_FILE} "
+                f"({what.format(*theirs)}): recompute both with `sparse-clt-hf stats DIR --dashboard`")
         return cls(base, int(meta["bins"]), int(meta["quantiles"]), int(meta["samples"]), load_file(str(path)))
 
 
