@@ -261,3 +261,21 @@ def test_demo_dashboard_before_the_demo_ran(tmp_path, monkeypatch, capsys):
     assert cli.main(["dashboard", "--out", str(tmp_path / "site")]) == 1
     assert "not fitted yet" in capsys.readouterr().err
     assert not (tmp_path / "site").exists()
+
+
+def test_dashboard_keeps_the_statistics_already_computed(built, tmp_path):
+    import shutil
+
+    from sparse_clt_hf import FeatureStats, feature_stats
+
+    _, ext, _, _, _ = built
+    copy = tmp_path / "ext"
+    shutil.copytree(ext, copy)
+    (copy / "dashboard.safetensors").unlink()
+    feature_stats(copy, top_n=3, context=2)  # `stats DIR --top-n 3 --context 2`
+    before = (copy / "stats.safetensors").read_bytes()
+    assert cli.main(["dashboard", str(copy), "--out", str(tmp_path / "site"), "--tokenizer",
+                     str(ext.parent / "model")]) == 0
+    assert (copy / "stats.safetensors").read_bytes() == before
+    ds = DashboardStats.load(copy)
+    assert (ds.base.top_n, ds.base.context) == (3, 2) and FeatureStats.load(copy).top_n == 3

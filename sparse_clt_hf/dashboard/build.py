@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..feature_stats import STATS_FILE
+from ..feature_stats import STATS_FILE, FeatureStats
 from .site import DashboardError, build_site, check_out_dir
 from .stats import DASHBOARD_FILE, DashboardStats, dashboard_stats
 
@@ -138,7 +138,11 @@ def build_dashboard(
         _check_widths(directory, layers, widths, transcoder, str(clt))
     if stats is None:
         log(f"computing dashboard statistics of {directory} (once; saved as {directory / DASHBOARD_FILE})")
-        stats = dashboard_stats(directory, **(stats_options or {}))
+        options = dict(stats_options or {})
+        if (directory / STATS_FILE).is_file():  # keep the statistics already there (their top_n and context)
+            base = FeatureStats.load(directory / STATS_FILE)
+            options.update(base=base, top_n=base.top_n, context=base.context)
+        stats = dashboard_stats(directory, **options)
     _check_token_ids(directory, stats)
     logits, notes = {}, []
     if transcoder is not None:
