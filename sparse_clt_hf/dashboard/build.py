@@ -136,6 +136,17 @@ def build_dashboard(
     if transcoder is not None:
         layers, widths = (stats.layers, stats.base.n_features) if stats else (info["layers"], info["n_features"])
         _check_widths(directory, layers, widths, transcoder, str(clt))
+    W_U = None
+    if transcoder is not None:  # the model loads (or fails) before the statistics are computed
+        from ..models import load_model
+        from .logits import unembedding_of
+
+        if lm is None:
+            lm, _, _ = load_model(model_ref)
+        W_U = unembedding_of(lm)
+        if W_U.shape[1] != transcoder.config.d_model:
+            raise DashboardError(f"model {model_ref or type(lm).__name__} has width {W_U.shape[1]}; transcoder {clt} "
+                                 f"has d_model {transcoder.config.d_model}: they do not belong together")
     if stats is None:
         log(f"computing dashboard statistics of {directory} (once; saved as {directory / DASHBOARD_FILE})")
         options = dict(stats_options or {})
@@ -146,12 +157,9 @@ def build_dashboard(
     _check_token_ids(directory, stats)
     logits, notes = {}, []
     if transcoder is not None:
-        from ..models import load_model
-        from .logits import logit_effects, unembedding_of
+        from .logits import logit_effects
 
-        if lm is None:
-            lm, _, _ = load_model(model_ref)
-        logits, notes = logit_effects(transcoder, unembedding_of(lm), layers=stats.layers, k=logit_k, which=which)
+        logits, notes = logit_effects(transcoder, W_U, layers=stats.layers, k=logit_k, which=which)
     else:
         notes.append("no transcoder given: logit effects need --clt (with decoders) and the model")
     source = {k: info.get(k) for k in ("kind", "model", "transcoder")}
