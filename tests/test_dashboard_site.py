@@ -99,6 +99,9 @@ def test_pages_in_chromium(built, tmp_path):
     mx = ds.base.max(2)
     assert len(rows) == ds.base.n_features[1]
     assert rows == sorted(range(len(mx)), key=lambda i: (-float(mx[i]), -i))
+    dom = run_chromium("--dump-dom", (site / "index.html").resolve().as_uri() + "#L2&sort=id&asc=1&q=freq%3E0.05")
+    rows = [int(x) for x in re.findall(r'<tr data-feature="(\d+)"', dom)]
+    assert rows == [i for i, fr in enumerate(ds.base.frequency(2).tolist()) if fr > 0.05] and rows
     f = _alive(ds, 2)
     dom = run_chromium("--dump-dom", (site / "feature.html").resolve().as_uri() + f"#L2/{f}")
     assert 'id="error"' not in dom

@@ -78,9 +78,16 @@
   }
   function renderTable(m, layer, d) {
     var q = $('search').value.trim().toLowerCase(), n = d.count.length, rows = [];
+    /* "#942": that feature; "freq>0.01", "max<2", "mean>=1": a numeric filter; else a label substring */
+    var num = /^(freq|max|mean)\s*(<=|>=|<|>|=)\s*([-+0-9.e]+)$/.exec(q), field = null;
+    if (num) field = {freq: function (i) { return d.count[i] / Math.max(m.n_positions, 1); },
+      max: function (i) { return d.max[i]; }, mean: function (i) { return d.mean[i]; }}[num[1]];
+    var cmp = num && {'<': function (a, b) { return a < b; }, '>': function (a, b) { return a > b; }, '<=': function (a, b) { return a <= b; },
+      '>=': function (a, b) { return a >= b; }, '=': function (a, b) { return a === b; }}[num[2]];
     for (var i = 0; i < n; i++) {
       if (q) {
-        if (q[0] === '#') { if (String(i) !== q.slice(1)) continue; }
+        if (num) { if (!cmp(field(i), +num[3])) continue; }
+        else if (q[0] === '#') { if (String(i) !== q.slice(1)) continue; }
         else if (d.label[i].toLowerCase().indexOf(q) < 0) continue;
       }
       rows.push(i);
