@@ -278,17 +278,17 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
         near = ((doc >= lo) & (doc <= hi)).nonzero(as_tuple=True)[0]
         if near.numel() == 0:
             continue
-        n_rows, t_len = f.mask.shape
-        n_keys = f.indices.shape[2] * m
+        n_rows, t_len, n_layers, _ = f.indices.shape
         row_key = documents * _STRIDE + offsets
         rows = row_key.argsort()
         row_key = row_key[rows]
         mask = f.mask.bool()
-        valid = (f.indices >= 0) & mask[:, :, None, None]
-        w, t, li, ki = valid.nonzero(as_tuple=True)
-        entry = (w * t_len + t) * n_keys + li * m + f.indices[w, t, li, ki].long()  # ascending per (w, t)
-        entry, order = entry.sort()
-        entry_val = f.values[w, t, li, ki].float()[order]
+        # every slot's key ((position * L + layer) * (m + 1) + feature + 1; empty slots: feature -1), in the
+        # dense order, which is ascending once each (position, layer)'s k slots are sorted
+        slot_idx, order = f.indices.sort(dim=-1)
+        entry = ((torch.arange(n_rows * t_len * n_layers).view(n_rows, t_len, n_layers, 1) * (m + 1))
+                 + slot_idx.long() + 1).reshape(-1)
+        entry_val = f.values.gather(-1, order).float().reshape(-1)
         width = span.numel()
         tok_flat, mask_flat = f.token_ids.reshape(-1), mask.reshape(-1)
         for start in range(0, near.numel(), max(1, chunk // width)):
@@ -306,7 +306,8 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
             tokens.view(-1)[out[sel]] = tok_flat[flat[sel]].long()
             if entry.numel() == 0:
                 continue
-            qk = flat[sel] * n_keys + key[q].repeat_interleave(width)[sel]
+            k_sel = key[q].repeat_interleave(width)[sel]
+            qk = ((flat[sel] * n_layers + k_sel // m) * (m + 1)) + k_sel % m + 1
             hit_at = torch.searchsorted(entry, qk).clamp_max(entry.numel() - 1)
             hit = entry[hit_at] == qk
             acts.view(-1)[out[sel[hit]]] = entry_val[hit_at[hit]]
