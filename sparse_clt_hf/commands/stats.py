@@ -25,11 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
     stats = feature_stats(args.dir, top_n=args.top_n, context=args.context)
     summary = {"stats": f"{args.dir}/{STATS_FILE}", "n_positions": stats.n_positions, "layers": []}
-    if getattr(args, "dashboard", False):
-        from ..dashboard.stats import DASHBOARD_FILE, dashboard_stats
-
-        dashboard_stats(args.dir, base=stats, bins=args.bins, quantiles=args.quantiles, samples=args.samples)
-        summary["dashboard"] = f"{args.dir}/{DASHBOARD_FILE}"
     for layer in stats.layers:
         freq = stats.frequency(layer)
         top = freq.argsort(descending=True, stable=True)[: args.show].tolist()
@@ -42,6 +37,15 @@ def run(args: argparse.Namespace) -> int:
                                "mean": round(float(stats.mean(layer)[f]), 4),
                                "max": round(float(stats.max(layer)[f]), 4)} for f in top],
         })
+
+    if getattr(args, "dashboard", False):
+        from pathlib import Path
+
+        from ..dashboard.stats import DASHBOARD_FILE, dashboard_stats
+
+        dashboard_stats(args.dir, base=stats, bins=args.bins, quantiles=args.quantiles, samples=args.samples)
+        summary["dashboard"] = str(Path(args.dir) / DASHBOARD_FILE)
+
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -51,4 +55,6 @@ def run(args: argparse.Namespace) -> int:
                           for f in entry["most_frequent"])
         print(f"layer {entry['layer']}: {entry['alive']}/{entry['n_features']} features fired; "
               f"most frequent: {shown}")
+    if "dashboard" in summary:
+        print(f"dashboard statistics: {summary['dashboard']} (next: sparse-clt-hf dashboard {args.dir} --out SITE)")
     return 0
