@@ -13,6 +13,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,13 +67,14 @@ def main() -> None:
         t0 = time.perf_counter()
         build_site(ds, tmp, Vocab())
         t_site = time.perf_counter() - t0
+        site_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
     out = {"stats_s": round(s, 3), "stats_dashboard_s": round(d, 3), "ratio": round(d / s, 2),
-           "site_16k_features_s": round(t_site, 2), "torch_threads": torch.get_num_threads()}
+           "site_16k_features_s": round(t_site, 2), "site_mb": round(site_mb, 1), "torch_threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"stats {s:.2f} s, stats with dashboards {d:.2f} s: {d / s:.2f}x (16,384 tokens, 4 x 2048 features, k 32)")
-        print(f"site build, 16,384 features: {t_site:.1f} s")
+        print(f"site build, 16,384 features: {t_site:.1f} s, {site_mb:.0f} MiB")
 
 
 if __name__ == "__main__":
