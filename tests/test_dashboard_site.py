@@ -50,7 +50,7 @@ def built(tmp_path_factory):
     site, np_dir, ct_dir = root / "site", root / "np", root / "ct"
     assert cli.main(["dashboard", str(ext), "--out", str(site), "--clt", str(root / "clt"), "--model",
                      str(root / "model"), "--logits", "5", "--bins", "8", "--quantiles", "3", "--samples", "2",
-                     "--neuronpedia", str(np_dir), "--circuit-tracer", str(ct_dir), "--json"]) == 0
+                     "--neuronpedia", str(np_dir), "--circuit-tracer", str(ct_dir), "--scan", "tiny-clt", "--json"]) == 0
     return root, ext, site, np_dir, ct_dir
 
 
@@ -117,7 +117,7 @@ def test_exports(built):
     _, ext, _, np_dir, ct_dir = built
     ds = DashboardStats.load(ext)
     ct_model = pytest.importorskip("circuit_tracer.frontend.feature_models").Model
-    files = sorted((ct_dir / "features").glob("*/*.json"))
+    files = sorted((ct_dir / "features" / "tiny-clt").glob("*.json"))
     assert len(files) == sum(ds.base.n_features)
     f = _alive(ds, 2)
     rec = json.loads((files[0].parent / f"{cantor(2, f)}.json").read_text())

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neuronpedia", default=None, metavar="NP_DIR", help="also write Neuronpedia's import directory")
     p.add_argument("--circuit-tracer", default=None, metavar="CT_DIR",
                    help="also write circuit-tracer's per-feature JSON files (CT_DIR/features/<scan>/<index>.json)")
+    p.add_argument("--scan", default=None,
+                   help="circuit-tracer scan name (the graph files' metadata.scan; default: the transcoder folder's name)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins, when the statistics are computed here")
     p.add_argument("--quantiles", type=int, default=5, help="quantile groups, when the statistics are computed here")
     p.add_argument("--samples", type=int, default=3, help="examples per quantile group, when computed here")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = build_dashboard(args.dir, args.out, clt=args.clt, model=args.model, tokenizer=args.tokenizer,
                                   which=args.direction, logit_k=args.logits, neuronpedia=args.neuronpedia,
-                                  circuit_tracer=args.circuit_tracer, stats_options=options, log=log)
+                                  circuit_tracer=args.circuit_tracer, scan=args.scan, stats_options=options, log=log)
     if args.json:
         print(json.dumps(summary))
         return 0

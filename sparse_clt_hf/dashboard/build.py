@@ -97,6 +97,7 @@ def build_dashboard(
     logit_k: int = 10,
     neuronpedia: str | os.PathLike[str] | None = None,
     circuit_tracer: str | os.PathLike[str] | None = None,
+    scan: str | None = None,
     stats_options: dict[str, int] | None = None,
     title: str | None = None,
     lm: Any = None,
@@ -174,5 +175,5 @@ def build_dashboard(
             summary["neuronpedia"] = str(export_neuronpedia(stats, neuronpedia, tok, logits=logits, source=source))
         if circuit_tracer is not None:
             summary["circuit_tracer"] = str(export_circuit_tracer(stats, circuit_tracer, tok, logits=logits,
-                                                                  source=source))
+                                                                  source=source, scan=scan))
     return summary

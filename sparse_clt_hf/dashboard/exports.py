@@ -4,7 +4,9 @@
   ``Model``: ``index``, ``transcoder_id``, ``examples_quantiles``, ``top_logits``/``bottom_logits``,
   ``act_min``/``act_max``, ``quantile_values``, ``histogram``, ``activation_frequency``), written as
   ``CT_DIR/features/<scan>/<index>.json`` where ``index`` is the Cantor pairing of (layer, feature),
-  the number circuit-tracer's graph files give a feature node; its local server reads that folder.
+  the number circuit-tracer's graph files give a feature node. Its frontend reads local feature
+  files when the graph's scan starts with ``./``: with ``serve(data_dir=CT_DIR)``, scan
+  ``./data/features/<scan>`` (the server maps ``/data/`` to ``CT_DIR``).
   ``histogram`` has the dashboard's bins over ``[act_min, act_max] = [0, max]``; ``quantile_values``
   holds the 1st..100th percentiles (interpolated inside histogram bins).
 - :func:`export_neuronpedia`: Neuronpedia's import directory, as its converter
