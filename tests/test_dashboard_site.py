@@ -116,18 +116,23 @@ def test_pages_in_chromium(built, tmp_path):
 def test_exports(built):
     _, ext, _, np_dir, ct_dir = built
     ds = DashboardStats.load(ext)
-    ct_model = pytest.importorskip("circuit_tracer.frontend.feature_models").Model
+    try:  # circuit-tracer's own reader, where installed (pip install --no-deps circuit-tracer)
+        from circuit_tracer.frontend.feature_models import Model as ct_model
+    except ImportError:
+        ct_model = None
     files = sorted((ct_dir / "features" / "tiny-clt").glob("*.json"))
     assert len(files) == sum(ds.base.n_features)
     f = _alive(ds, 2)
     rec = json.loads((files[0].parent / f"{cantor(2, f)}.json").read_text())
-    ct_model.model_validate(rec)
+    assert set(rec) == {"transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits", "act_min",
+                        "act_max", "quantile_values", "histogram", "activation_frequency"}
     assert rec["index"] == cantor(2, f) and rec["histogram"] == [float(c) for c in ds.histogram(2, f).tolist()]
     assert rec["act_max"] == pytest.approx(float(ds.base.max(2)[f]))
     assert rec["activation_frequency"] == pytest.approx(float(ds.base.frequency(2)[f]))
     assert len(rec["quantile_values"]) == 100 and len(rec["top_logits"]) == 5
-    for path in files:
-        ct_model.model_validate_json(path.read_text())
+    if ct_model is not None:
+        for path in files:
+            ct_model.model_validate_json(path.read_text())
     # Neuronpedia: the field names of its Feature and Activation records (neuronpedia-utils db_models)
     feature_fields = {"modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector",
                       "vectorLabel", "vectorDefaultSteerStrength", "hookName", "topkCosSimIndices", "topkCosSimValues",
