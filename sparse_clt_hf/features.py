@@ -193,6 +193,7 @@ class Features:
         steers: Sequence[Mapping[str, Any]] | None = None,
         baseline: Features | None = None,
         baseline_sequences: Any = None,
+        dashboard: str | None = None,
     ) -> Path:
         """Write a self-contained HTML page to read batch row ``row`` token by token: the text shaded by
         each token's strongest feature (its share of the feature's corpus max with ``stats``) or by a chosen
@@ -202,11 +203,12 @@ class Features:
         ``prompt_len`` marks where the generation starts. ``path#t=N`` opens with token N selected.
         ``steers`` (e.g. ``clt.steering``) names the steers on the page and marks the steered features;
         ``baseline`` (with ``baseline_sequences``): the same prompt's features without them, shown beside.
-        See :mod:`sparse_clt_hf.view`."""
+        ``dashboard`` (a ``sparse-clt-hf dashboard`` site's folder, relative to the page or a URL) links
+        each selected feature to its dashboard page. See :mod:`sparse_clt_hf.view`."""
         from .view import write_html
 
         return write_html(self, path, tokenizer, stats, row, sequences=sequences, prompt_len=prompt_len, title=title,
-                          steers=steers, baseline=baseline, baseline_sequences=baseline_sequences)
+                          steers=steers, baseline=baseline, baseline_sequences=baseline_sequences, dashboard=dashboard)
 
     def save(self, path: str | Path) -> None:
         """Write to one safetensors file (metadata: layers, widths)."""

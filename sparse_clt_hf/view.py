@@ -116,6 +116,7 @@ def page_data(
     steers: Sequence[Mapping[str, Any]] | None = None,
     baseline: Features | None = None,
     baseline_sequences: torch.Tensor | Sequence[int] | None = None,
+    dashboard: str | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready content of the page for batch row ``row`` (see :func:`write_html`).
 
@@ -128,6 +129,7 @@ def page_data(
     ``mode``, optional ``positions``; as :attr:`CLTAttachment.steering`), named on the page and marked
     where the features appear. ``baseline``: the features of the same prompt without the steers
     (``generate --compare``; same layers, row ``row``), shown beside them as ``baseline.tokens``.
+    ``dashboard``: the folder (or URL) of a ``sparse-clt-hf dashboard`` site the feature panel links to.
     """
     steer_list = [_steer_entry(s) for s in steers or []]
     tokens, used = _token_entries(features, row, sequences, "")
@@ -163,6 +165,7 @@ def page_data(
         "stats_positions": None if stats is None else int(stats.n_positions),
         "steers": steer_list,
         "baseline": base,
+        "dashboard": dashboard,
     }
 
 

@@ -32,4 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "write the HTML page of saved features (a features file or an extraction folder)"),
     "explain": ("sparse_clt_hf.commands.explain",
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
+    "dashboard": ("sparse_clt_hf.commands.dashboard",
+                  "a static offline site of feature dashboards (and Neuronpedia / circuit-tracer exports)"),
 }

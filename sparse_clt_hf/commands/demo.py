@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"transcoder to use instead of the cached demo one (default: ${demo.DEMO_ENV} or the cache)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars while fitting the demo transcoder and its statistics")
+    parser.add_argument("--dashboard", default=None, metavar="SITE",
+                        help="instead of generating, build the demo transcoder's feature dashboards into SITE "
+                             "(same as `sparse-clt-hf dashboard --out SITE`)")
     add_model_options(parser)
 
 
@@ -47,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from ..labels import find_stats
 
     start = time.perf_counter()
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if getattr(args, "dashboard", None) is not None:
+        from ..dashboard.demo import demo_dashboard
+
+        summary = demo_dashboard(args.dashboard, progress=not (args.no_progress or args.json), log=log)
+        print(json.dumps(summary) if args.json else f"site: {summary['site']}")
+        return 0
     desc = demo.preflight(args, args.clt)  # a bad --clt/--stats/--html fails before the model loads
     model, tokenizer, _ = load_model(args, None)
     extra: dict[str, Any] = {}

@@ -20,6 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model whose tokenizer decodes the labels (default: the extraction's model)")
 
+    p.add_argument("--dashboard", action="store_true",
+                   help="also compute dashboard statistics (histograms, quantile examples) into DIR/dashboard.safetensors "
+                        "for `sparse-clt-hf dashboard DIR`")
+    p.add_argument("--bins", type=int, default=32, help="with --dashboard: activation histogram bins per feature")
+    p.add_argument("--quantiles", type=int, default=5, help="with --dashboard: quantile groups per feature")
+    p.add_argument("--samples", type=int, default=3, help="with --dashboard: examples sampled per quantile group")
+
 
 def _tokenizer(args: argparse.Namespace, folder: Path):
     """The extraction's tokenizer, or None (with a warning) when it cannot be loaded: labels are then token ids."""
@@ -56,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
                                "max": round(float(stats.max(layer)[f]), 4),
                                "label": label(layer, f)} for f in top],
         })
+
+    if getattr(args, "dashboard", False):
+        from ..dashboard.stats import DASHBOARD_FILE, dashboard_stats
+
+        dashboard_stats(args.dir, base=stats, bins=args.bins, quantiles=args.quantiles, samples=args.samples)
+        summary["dashboard"] = str(folder / DASHBOARD_FILE)
+
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -71,4 +85,6 @@ def run(args: argparse.Namespace) -> int:
         if entry["most_frequent"]:
             print(f"Next: `sparse-clt-hf explain {entry['layer']}/{entry['most_frequent'][0]['feature']} --stats "
                   f"{folder}` shows a feature's contexts; `sparse-clt-hf view {folder} --html view.html` the documents.")
+    if "dashboard" in summary:
+        print(f"dashboard statistics: {summary['dashboard']} (next: sparse-clt-hf dashboard {args.dir} --out SITE)")
     return 0

@@ -1,0 +1,15 @@
+"""Feature dashboards: per-feature activation histograms, examples across the activation range, logit
+effects, a static offline site and exports for Neuronpedia and circuit-tracer (see ``docs/dashboards.md``).
+
+- :mod:`.stats`: :func:`dashboard_stats` streams an extraction (or in-memory Features) into
+  :class:`DashboardStats` (``DIR/dashboard.safetensors``), next to the base ``stats.safetensors``;
+- :mod:`.logits`: :func:`logit_effects`, the tokens each feature's decoder raises and lowers;
+- :mod:`.site`: :func:`build_site`, the static site;
+- :mod:`.exports`: :func:`export_neuronpedia`, :func:`export_circuit_tracer`.
+"""
+
+from __future__ import annotations
+
+from .stats import DASHBOARD_FILE, DashboardStats, Example, dashboard_stats, density_histogram
+
+__all__ = ["DASHBOARD_FILE", "DashboardStats", "Example", "dashboard_stats", "density_histogram"]

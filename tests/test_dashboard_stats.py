@@ -1,0 +1,184 @@
+"""Dashboard statistics (histograms, quantile groups, sampled examples with windows) against a
+brute-force computation over Features.to_records(), in memory and streamed from an extraction."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from test_feature_stats import extracted, random_features  # noqa: F401  (fixture)
+
+from sparse_clt_hf import Features, load_extracted
+from sparse_clt_hf import extracted as extract_mod
+from sparse_clt_hf.dashboard import DashboardStats, dashboard_stats, density_histogram
+from sparse_clt_hf.dashboard.stats import priority
+from sparse_clt_hf.feature_stats import FeatureStatsError
+
+
+def _hash(d: int, p: int, key: int) -> int:
+    """The sample priority, written out with Python integers."""
+    P = (1 << 31) - 1
+    h = (d % P) * 1_103_515_245 % P
+    h = (h + (p % P) * 1_597_334_677 % P) % P
+    h = (h + (key % P) * 40_503 % P) % P
+    return h * 48_271 % P * 16_807 % P
+
+
+def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int):
+    hits = defaultdict(list)
+    for r in feats.to_records():
+        hits[(r["layer"], r["feature"])].append((r["activation"], r["batch"], r["position"]))
+    valid = {(b, t) for b, t in feats.mask.nonzero().tolist()}
+    recorded = {(r["layer"], r["feature"], r["batch"], r["position"]): r["activation"] for r in feats.to_records()}
+    m = max(feats.n_features)
+    out = {}
+    for li, layer in enumerate(feats.layers):
+        for f in range(feats.n_features[li]):
+            h = hits.get((layer, f), [])
+            mx = max((float(torch.tensor(a, dtype=torch.float32)) for a, _, _ in h), default=0.0)
+
+            def bin_of(a, mx=mx):
+                return min(max(int(math.floor(a / mx * bins)) if mx > 0 else 0, 0), bins - 1)
+
+            hist = [0] * bins
+            for a, _, _ in h:
+                hist[bin_of(a)] += 1
+            n = len(h)
+            acts = sorted(a for a, _, _ in h)
+            if n:
+                edges = [0] + [bin_of(acts[-(-g * n // quantiles) - 1]) + 1 for g in range(1, quantiles)] + [bins]
+            else:
+                edges = [0] * (quantiles + 1)
+            groups = defaultdict(list)
+            for a, d, p in h:
+                b = bin_of(a)
+                g = sum(1 for e in edges[1:quantiles] if e <= b)
+                groups[g].append((_hash(d, p, li * m + f), d, p, a))
+            sampled = {g: sorted(v)[:samples] for g, v in groups.items()}
+
+            def window(d, p, layer=layer, f=f):
+                qs = [q for q in range(p - context, p + context + 1) if (d, q) in valid]
+                return ([int(feats.token_ids[d, q]) for q in qs], [recorded.get((layer, f, d, q), 0.0) for q in qs],
+                        qs.index(p))
+
+            out[(layer, f)] = dict(hist=hist, edges=edges, sampled=sampled, window=window, n=n)
+    return out
+
+
+def assert_matches(ds: DashboardStats, feats: Features, bins, quantiles, samples, context):
+    ref = brute(feats, bins, quantiles, samples, context)
+    for li, layer in enumerate(feats.layers):
+        for f in range(feats.n_features[li]):
+            r = ref[(layer, f)]
+            assert ds.histogram(layer, f).tolist() == r["hist"], (layer, f)
+            assert ds.quantile_edges(layer, f).tolist() == r["edges"], (layer, f)
+            ex = ds.examples(layer, f)
+            top = [e for e in ex if e.group == -1]
+            assert [(e.document, e.position) for e in top] == [
+                (c.document, c.position) for c in ds.base.top_contexts(layer, f)]
+            for g in range(quantiles):
+                got = [(e.document, e.position, e.activation) for e in ex if e.group == g]
+                want = [(d, p, a) for _, d, p, a in r["sampled"].get(g, [])]
+                assert [x[:2] for x in got] == [x[:2] for x in want], (layer, f, g)
+                for (_, _, a), (_, _, b) in zip(got, want):
+                    assert a == pytest.approx(b, rel=1e-6)
+                lo, hi = ds.quantile_bounds(layer, f)[g]
+                for _, _, a in got:  # each sample lies within its group's range
+                    assert lo - 1e-6 <= a <= hi + 1e-6
+            for e in ex:
+                toks, acts, idx = r["window"](e.document, e.position)
+                assert (e.token_ids, e.index) == (toks, idx)
+                assert e.acts == pytest.approx(acts, rel=1e-6)
+                assert e.acts[e.index] == pytest.approx(e.activation, rel=1e-6)
+
+
+@pytest.mark.parametrize("bins,quantiles,samples,context", [(8, 4, 2, 2), (3, 1, 5, 0), (16, 5, 1, 4)])
+def test_in_memory_matches_brute_force(bins, quantiles, samples, context):
+    feats = random_features(2)
+    ds = dashboard_stats(feats, top_n=3, context=context, bins=bins, quantiles=quantiles, samples=samples)
+    assert_matches(ds, feats, bins, quantiles, samples, context)
+
+
+def test_streamed_extraction_matches_brute_force(extracted, monkeypatch):  # noqa: F811
+    feats = load_extracted(extracted)
+    monkeypatch.setattr(extract_mod, "load_extracted", lambda *a: pytest.fail("must stream the shards"))
+    ds = dashboard_stats(extracted, top_n=4, context=5, bins=10, quantiles=4, samples=2)
+    assert_matches(ds, feats, 10, 4, 2, 5)
+    back = DashboardStats.load(extracted)
+    assert_matches(back, feats, 10, 4, 2, 5)
+
+
+def test_priority_matches_python_integers():
+    d, p, k = torch.tensor([0, 5, 2**31 + 7]), torch.tensor([3, 2**32 - 1, 0]), torch.tensor([0, 99, 3_000_000])
+    assert priority(d, p, k).tolist() == [_hash(*x) for x in zip(d.tolist(), p.tolist(), k.tolist())]
+
+
+def test_density_histogram_counts_every_feature():
+    feats = random_features(3)
+    ds = dashboard_stats(feats, top_n=2, context=1)
+    for li, layer in enumerate(feats.layers):
+        dens = density_histogram(ds.base, layer, bins=7)
+        freq = ds.base.frequency(layer)
+        assert sum(dens["counts"]) + dens["dead"] == feats.n_features[li]
+        assert dens["dead"] == int((freq == 0).sum())
+        for fr in freq[freq > 0].tolist():
+            b = min(int((max(math.log10(fr), -7) + 7) / 7 * 7), 6)
+            assert dens["counts"][b] > 0
+
+
+def test_percentiles_are_monotone_and_within_range():
+    ds = dashboard_stats(random_features(4), top_n=2, context=1, bins=8)
+    for layer in ds.layers:
+        for f in range(ds.base.n_features[ds.layers.index(layer)]):
+            pct = ds.percentiles(layer, f)
+            assert len(pct) == 100 and pct == sorted(pct)
+            assert pct[-1] <= float(ds.base.max(layer)[f]) + 1e-6
+
+
+def test_errors(tmp_path):
+    feats = random_features()
+    feats.token_ids = None
+    with pytest.raises(FeatureStatsError, match="token_ids"):
+        dashboard_stats(feats)
+    with pytest.raises(FeatureStatsError, match="bins"):
+        dashboard_stats(random_features(), bins=0)
+    with pytest.raises(FeatureStatsError, match="dashboard.safetensors"):
+        DashboardStats.load(tmp_path)
+
+
+def test_exact_frequency_report():
+    feats = random_features(5)
+    ds = dashboard_stats(feats, top_n=2, context=1)
+    assert all(ds.exact(layer)["exact"] for layer in ds.layers)  # l0 never above the recorded k
+    feats.l0[0, 3, 1] = 7  # more active features than the 3 recorded, at a valid position
+    feats.l0[0, 4, 1] = 5
+    feats.l0[1, 0, 1] = 9  # padding: not counted
+    ds = dashboard_stats(feats, top_n=2, context=1)
+    assert ds.exact(3) == {"exact": True, "truncated": 0, "max_l0": int(feats.l0[..., 0][feats.mask].max()),
+                           "recorded_k": 3}
+    assert ds.exact(7) == {"exact": False, "truncated": 2, "max_l0": 7, "recorded_k": 3}
+
+
+def test_stats_command_with_dashboard(extracted, capsys):  # noqa: F811
+    from sparse_clt_hf import cli
+
+    assert cli.main(["stats", str(extracted), "--dashboard", "--bins", "6", "--quantiles", "2", "--samples", "1",
+                     "--json"]) == 0
+    assert "dashboard.safetensors" in capsys.readouterr().out
+    ds = DashboardStats.load(extracted)
+    assert (ds.bins, ds.quantiles, ds.samples) == (6, 2, 1)
+    assert_matches(ds, load_extracted(extracted), 6, 2, 1, ds.base.context)
+
+
+def test_files_that_do_not_belong_together_are_refused(tmp_path):
+    ds = dashboard_stats(random_features(6), top_n=3, context=2)
+    ds.base.save(tmp_path / "stats.safetensors")
+    ds.save(tmp_path / "dashboard.safetensors")
+    assert DashboardStats.load(tmp_path).examples(3, 0) == ds.examples(3, 0)
+    from sparse_clt_hf import feature_stats
+
+    feature_stats(random_features(6), top_n=3, context=4).save(tmp_path / "stats.safetensors")
+    with pytest.raises(FeatureStatsError, match="context 2.*does not belong.*context 4"):
+        DashboardStats.load(tmp_path)
