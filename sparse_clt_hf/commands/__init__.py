@@ -30,4 +30,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("sparse_clt_hf.commands.stats", "per-feature statistics and max-activating contexts of an extraction"),
     "explain": ("sparse_clt_hf.commands.explain",
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
+    "serve": ("sparse_clt_hf.commands.serve",
+              "an OpenAI-compatible HTTP server whose completions carry every token's features"),
 }

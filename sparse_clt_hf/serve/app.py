@@ -96,6 +96,7 @@ def create_app(
     app = FastAPI(title="sparse-clt-hf", lifespan=lifespan)  # type: ignore[arg-type]
     app.state.scheduler = scheduler
     app.state.limits = limits
+    app.state.api_key = bool(api_key)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
 

@@ -15,6 +15,7 @@ token records), ``token``, ``end`` (finish reason) per row, ``error``, and ``don
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -86,6 +87,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._unique = itertools.count()
         self._rows: list[_Row] = []
+        #: rows per generate call so far (how well requests were batched)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
         self._seen = 0
         self._longest = 0
 
@@ -216,6 +219,7 @@ class Scheduler:
         for r in rows:
             r.pad = ids.shape[1] - len(r.prompt)
         self._rows, self._seen, self._longest = rows, 0, ids.shape[1]
+        self.batch_sizes[len(rows)] += 1
         device = _input_device(self.model)
         config = self._generation_config(max(j.request.max_new_tokens for j in batch), req)
         stops = StoppingCriteriaList([_RowStops(self)])

@@ -1,0 +1,133 @@
+"""``sparse-clt-hf serve``: an OpenAI-compatible server whose completions carry every token's features.
+
+Without ``--model``/``--clt`` it serves the demo model and the demo transcoder (offline; the transcoder
+is fitted on first use, as ``demo`` does). Loopback only unless ``--host`` says otherwise. See
+docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import demo
+from ..training import parse_layers
+
+API_KEY_ENV = "SPARSE_CLT_HF_API_KEY"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF model id, folder or .gguf file (default: the demo SmolLM2)")
+    parser.add_argument("--clt", default=None,
+                        help="transcoder folder or Hub reference (default: the demo transcoder, with the demo model)")
+    parser.add_argument("--no-transcoder", action="store_true",
+                        help="serve the plain model, no features (a baseline for benchmarks)")
+    parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
+    parser.add_argument("--top-k", type=int, default=8,
+                        help="features recorded per token and layer; the most a request's features.top_k may ask")
+    parser.add_argument("--stats", default=None, metavar="PATH",
+                        help="per-feature statistics for labels (default: the stats.safetensors next to the transcoder)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most rows generated together in one batch")
+    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 at once")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens one completion may ask for")
+    parser.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long the first request of a batch waits for others to join it")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may finish at shutdown before they are cancelled")
+    parser.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")
+    add_model_options(parser)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model loads."""
+    parser.add_argument("--device", default=None, help="device to run on, e.g. cuda, cuda:1, cpu (default: as loaded)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype")
+    parser.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto (instead of --device)")
+    parser.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager, flash_attention_2")
+
+
+def model_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if args.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    return kwargs
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("top_k", "max_batch", "max_queue", "max_new_tokens", "max_body"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.device and args.device_map:
+        raise ValueError("--device and --device-map are exclusive: choose one")
+    if args.no_transcoder and args.clt:
+        raise ValueError("--no-transcoder and --clt are exclusive")
+    if args.clt is None and not args.no_transcoder and args.model not in (None, "", "smollm2", demo.SMOLLM2_NAME):
+        raise ValueError("--clt is required with --model (the demo transcoder fits the demo model only); "
+                         "or pass --no-transcoder to serve the plain model")
+
+
+def build(args: argparse.Namespace) -> Any:
+    """Load the model and transcoder and return the ASGI app (what ``run`` serves)."""
+    from ..labels import find_stats
+    from ..serve import create_app
+
+    _check(args)
+    layers = parse_layers(args.layers) if args.layers else None
+    if args.clt is not None:
+        demo.preflight(args, args.clt, layers, args.model)
+    model, tokenizer, name = demo.load_model(args.model, **model_load_kwargs(args))
+    if args.device:
+        model.to(args.device)
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    clt, stats = args.clt, None
+    if not args.no_transcoder and clt is None:
+        def log(*a: Any) -> None:
+            print(*a, file=sys.stderr)
+
+        folder, _ = demo.ensure_demo_transcoder(model, tokenizer, log=log)
+        if args.stats is None:
+            stats = demo.ensure_demo_stats(model, tokenizer, folder, log=log)
+        clt = str(folder)
+    if clt is not None and stats is None:
+        stats = find_stats(clt if Path(str(clt)).is_dir() else None, args.stats)
+    return create_app(
+        model, tokenizer, None if args.no_transcoder else clt, layers=layers, top_k=args.top_k,
+        model_name=args.served_model_name or name, stats=stats, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_new_tokens=args.max_new_tokens, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_body=args.max_body, batch_wait=args.batch_wait_ms / 1000, log_prompts=args.log_prompts,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("sparse-clt-hf serve needs FastAPI and uvicorn: pip install 'sparse-clt-hf[serve]'", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use the model"
+              + ("" if app.state.api_key else " (no --api-key set)"), file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)
+    return 0
