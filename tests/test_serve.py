@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 
 from sparse_clt_hf import attach_clt  # noqa: E402
 from sparse_clt_hf.serve import create_app  # noqa: E402
+from sparse_clt_hf.serve.bench import ServerThread, bench_serve  # noqa: E402
 
 K = 6  # features recorded per layer
 WIDTHS = [64, 48, 64]
@@ -53,30 +53,8 @@ def transcoder():
     return random_transcoder(d=32, layers=(0, 1, 2), widths=WIDTHS, decoders=True, seed=3)
 
 
-class Served:
+class Served(ServerThread):
     """uvicorn on 127.0.0.1 (a free port) in a thread; stopped (graceful shutdown) on exit."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        for _ in range(400):
-            if self.server.started:
-                return self
-            time.sleep(0.025)
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
@@ -535,3 +513,11 @@ def test_serve_command_builds_the_app_from_folders(tmp_path, tok):
     assert app.state.limits.layers == (1, 2) and app.state.limits.top_k == 4 and not app.state.api_key
     with pytest.raises(ValueError, match="--clt is required"):
         command.build(parser.parse_args(["serve", "--model", str(tmp_path / "model")]))
+
+
+def test_bench_serves_both_side_by_side(tok):
+    result = bench_serve(tiny_model("llama"), tok, transcoder(), top_k=K, requests=4, max_batch=2, max_tokens=5,
+                         rounds=2, prompts=("ab", "cd"))
+    assert set(result["tokens_per_s"]) == {"with_features", "plain"} and len(result["ratios"]) == 2
+    # the transcoder changes nothing the model writes: the same tokens either way
+    assert result["completion_tokens"]["with_features"] == result["completion_tokens"]["plain"] > 0

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may finish at shutdown before they are cancelled")
     parser.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log lines")
+    parser.add_argument("--bench", action="store_true",
+                        help="instead of serving: tokens/s of this server with features vs the same server without "
+                             "the transcoder (same batching, side by side on 127.0.0.1), then exit")
+    parser.add_argument("--bench-requests", type=int, default=32, help="--bench: concurrent requests per round")
+    parser.add_argument("--bench-max-tokens", type=int, default=32, help="--bench: tokens per completion")
+    parser.add_argument("--bench-rounds", type=int, default=3, help="--bench: timed rounds per server")
     add_model_options(parser)
 
 
@@ -83,10 +89,9 @@ def _check(args: argparse.Namespace) -> None:
                          "or pass --no-transcoder to serve the plain model")
 
 
-def build(args: argparse.Namespace) -> Any:
-    """Load the model and transcoder and return the ASGI app (what ``run`` serves)."""
+def load(args: argparse.Namespace) -> tuple[Any, Any, str, Any, Any, list[int] | None]:
+    """``(model, tokenizer, name, transcoder reference or None, stats, layers)`` from the options."""
     from ..labels import find_stats
-    from ..serve import create_app
 
     _check(args)
     layers = parse_layers(args.layers) if args.layers else None
@@ -108,9 +113,16 @@ def build(args: argparse.Namespace) -> Any:
         clt = str(folder)
     if clt is not None and stats is None:
         stats = find_stats(clt if Path(str(clt)).is_dir() else None, args.stats)
+    return model, tokenizer, args.served_model_name or name, None if args.no_transcoder else clt, stats, layers
+
+
+def build(args: argparse.Namespace) -> Any:
+    """Load the model and transcoder and return the ASGI app (what ``run`` serves)."""
+    from ..serve import create_app
+
+    model, tokenizer, name, clt, stats, layers = load(args)
     return create_app(
-        model, tokenizer, None if args.no_transcoder else clt, layers=layers, top_k=args.top_k,
-        model_name=args.served_model_name or name, stats=stats, max_batch=args.max_batch, max_queue=args.max_queue,
+        model, tokenizer, clt, layers=layers, top_k=args.top_k, model_name=name, stats=stats, max_batch=args.max_batch, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body=args.max_body, batch_wait=args.batch_wait_ms / 1000, log_prompts=args.log_prompts,
         shutdown_timeout=args.shutdown_timeout,
@@ -123,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("sparse-clt-hf serve needs FastAPI and uvicorn: pip install 'sparse-clt-hf[serve]'", file=sys.stderr)
         return 1
+    if args.bench:
+        return _bench(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -130,4 +144,27 @@ def run(args: argparse.Namespace) -> int:
               + ("" if app.state.api_key else " (no --api-key set)"), file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..serve.bench import bench_serve
+
+    if args.no_transcoder:
+        raise ValueError("--bench compares the server with and without the transcoder: drop --no-transcoder")
+    model, tokenizer, name, clt, _, layers = load(args)
+    result = bench_serve(model, tokenizer, clt, layers=layers, top_k=args.top_k, requests=args.bench_requests,
+                         max_batch=args.max_batch, max_tokens=args.bench_max_tokens, rounds=args.bench_rounds,
+                         model_name=name)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rates = result["tokens_per_s"]
+    print(f"server throughput, {result['requests']} concurrent chat requests x {result['max_tokens']} tokens, "
+          f"batches of up to {result['max_batch']} (median of {result['rounds']} rounds)")
+    print(f"  plain model        {rates['plain']:>9.1f} tokens/s")
+    print(f"  with features      {rates['with_features']:>9.1f} tokens/s")
+    print(f"  ratio              {result['ratio']:>9.3f}  (rounds: {result['ratios']}; batch sizes {result['batch_sizes']})")
     return 0

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .payload import Labels, TextStream, completion_text
+from .payload import Labels, SharedTokenizer, TextStream, completion_text
 from .scheduler import Job, Scheduler
 from .schemas import APIError, GenerationRequest, Limits, parse_request
 
@@ -65,6 +65,7 @@ def create_app(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     context = _context_length(model, tokenizer)
+    tokenizer = SharedTokenizer(tokenizer)
     owned = clt is not None and not isinstance(clt, CLTAttachment)
     if owned:
         clt = attach_for_serving(model, clt, layers=layers, top_k=top_k)

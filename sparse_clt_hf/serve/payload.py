@@ -11,12 +11,37 @@ layers, strongest first. The last token of a completion was never read by the mo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..features import Features
+
+
+class SharedTokenizer:
+    """A tokenizer used from the event loop and the worker thread: one call at a time (a fast
+    tokenizer's Rust core refuses concurrent calls that reconfigure padding or truncation)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        with self._lock:
+            return self._tokenizer.decode(*args, **kwargs)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 class FeatureReader:
