@@ -359,13 +359,15 @@ def test_a_client_that_disconnects_frees_its_row_and_the_others_go_on(tok, ref_m
             if got == 5:
                 break
         stream.close()
+        with pytest.raises(httpx.TimeoutException):  # a whole-response client that gives up
+            httpx.post(f"{s.url}/v1/completions", json=_body(prompt="quit", max_tokens=100, temperature=0), timeout=0.5)
         answer = stay.result(timeout=60).choices[0]
-        leaving = next(j for j in jobs if j.request.prompt_texts == ["leave"])
-        for _ in range(200):
-            if leaving.state == "cancelled":
+        leaving = [next(j for j in jobs if j.request.prompt_texts == [p]) for p in ("leave", "quit")]
+        for _ in range(300):
+            if all(j.state == "cancelled" for j in leaving):
                 break
             time.sleep(0.02)
-    assert leaving.state == "cancelled"
+    assert [j.state for j in leaving] == ["cancelled", "cancelled"]
     assert scheduler.batch_sizes[2] >= 1  # they shared a batch
     assert answer.text == tok.decode(gen, skip_special_tokens=True)
     same_records(answer.model_extra["features"]["tokens"], want)
@@ -521,3 +523,71 @@ def test_bench_serves_both_side_by_side(tok):
     assert set(result["tokens_per_s"]) == {"with_features", "plain"} and len(result["ratios"]) == 2
     # the transcoder changes nothing the model writes: the same tokens either way
     assert result["completion_tokens"]["with_features"] == result["completion_tokens"]["plain"] > 0
+
+
+def test_labels_from_statistics_and_a_failed_generate_is_a_500(tok):
+    from sparse_clt_hf.labels import corpus_stats
+
+    texts = ["the cat sat on the mat. " * 4, "a list comprehension builds a list. " * 4]
+    stats = corpus_stats(tiny_model("llama"), tok, transcoder(), texts, tokens=256, seq_len=32, top_k=K,
+                         progress=False)
+    app = create_app(tiny_model("llama"), tok, transcoder(), top_k=K, model_name=NAME, stats=stats)
+    with Served(app) as s:
+        r = s.client().completions.create(model=NAME, prompt="the cat", max_tokens=3, temperature=0)
+        hits = [f for t in r.choices[0].model_extra["features"]["tokens"] for f in t["features"]]
+        assert hits and any(f["label"] for f in hits)
+        for f in hits:
+            top = [int(c.token_ids[c.index]) for c in stats.top_contexts(f["layer"], f["feature"]) if c.token_ids]
+            if not top:
+                assert f["label"] == []
+                continue
+            lead = max(set(top), key=lambda t: (top.count(t), -top.index(t)))  # most frequent, then strongest
+            assert f["label"][0] == tok.decode([lead]) and len(f["label"]) == min(3, len(set(top)))
+        scheduler = app.state.scheduler
+        original = scheduler.clt.generate
+
+        def broken(*a, **k):
+            raise RuntimeError("device lost")
+
+        scheduler.clt.generate = broken
+        with pytest.raises(openai.InternalServerError) as err:
+            s.client().completions.create(model=NAME, prompt="x", max_tokens=2)
+        assert err.value.status_code == 500 and "device lost" in err.value.body["message"]
+        scheduler.clt.generate = original
+        assert s.client().completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+@pytest.mark.slow
+def test_demo_model_served_equals_clt_generate(tmp_path):
+    """SmolLM2 (the demo model) with a random transcoder on 2 layers: a chat completion and its features
+    equal ``clt.generate`` on the same prompt."""
+    pytest.importorskip("gguf")
+    from sparse_clt_hf.bench_workloads import random_transcoder as bench_transcoder
+    from sparse_clt_hf.models import load_model
+
+    try:
+        model, tokenizer, name = load_model(None)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    ref, _, _ = load_model(None)
+    tc = bench_transcoder(576, [6, 9], 512)
+    question = [{"role": "user", "content": "What is a list comprehension?"}]
+    ids = tokenizer(tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+    with attach_clt(ref, tc, top_k=8) as clt:
+        x = torch.tensor([ids])
+        out, feats = clt.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    app = create_app(model, tokenizer, tc, top_k=8, model_name=name)
+    with Served(app) as s:
+        r = s.client().chat.completions.create(model=name, messages=question, max_tokens=12, temperature=0,
+                                               extra_body={"features": {"top_k": 3}})
+    gen = out[0, len(ids):].tolist()
+    eos = [t for t in gen if t == tokenizer.eos_token_id]
+    gen = gen[: gen.index(eos[0])] if eos else gen
+    assert r.choices[0].message.content == tokenizer.decode(gen, skip_special_tokens=True)
+    tokens = r.choices[0].model_extra["features"]["tokens"]
+    assert [t["token_id"] for t in tokens] == ids + gen
+    for t in tokens[:-1]:
+        recs = sorted((x for x in feats.to_records() if x["position"] == t["position"]), key=lambda x: -x["activation"])
+        assert [(f["layer"], f["feature"]) for f in t["features"]] == [(x["layer"], x["feature"]) for x in recs[:3]]

@@ -157,34 +157,32 @@ def create_app(
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             results = [await collect(request, job, q) for job, q in zip(jobs, queues)]
-        except APIError as exc:
-            log_request(rid, kind, exc.status, req, 0, start, log_prompts)
-            return error_response(exc)
-        except _Disconnected:
-            log_request(rid, kind, 499, req, 0, start, log_prompts)
-            return JSONResponse({}, status_code=499)
+        except BaseException as exc:
+            for job in jobs:  # (with compare: the other half too)
+                scheduler.cancel(job)
+            if not isinstance(exc, (APIError, _Disconnected)):
+                raise
+            status = exc.status if isinstance(exc, APIError) else 499
+            log_request(rid, kind, status, req, 0, start, log_prompts)
+            return error_response(exc) if isinstance(exc, APIError) else JSONResponse({}, status_code=499)
         response = build_response(rid, kind, req, results, tokenizer, created_now())
         log_request(rid, kind, 200, req, response["usage"]["completion_tokens"], start, log_prompts)
         return JSONResponse(response)
 
     async def collect(request: Request, job: Job, queue: asyncio.Queue) -> dict[int, dict[str, Any]]:
         rows: dict[int, dict[str, Any]] = {}
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), 0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise _Disconnected() from None
-                    continue
-                if event["type"] == "error":
-                    raise event["error"]
-                if event["type"] == "done":
-                    return rows
-                _add(rows.setdefault(event["row"], _empty_row()), event)
-        except BaseException:
-            scheduler.cancel(job)
-            raise
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), 0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise _Disconnected() from None
+                continue
+            if event["type"] == "error":
+                raise event["error"]
+            if event["type"] == "done":
+                return rows
+            _add(rows.setdefault(event["row"], _empty_row()), event)
 
     async def stream(rid: str, kind: str, req: GenerationRequest, job: Job, queue: asyncio.Queue,
                      start: float) -> AsyncIterator[str]:
