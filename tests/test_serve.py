@@ -9,6 +9,7 @@ the ordinary way: its ``Features`` per position, top-n taken by sorting ``to_rec
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import threading
@@ -569,7 +570,7 @@ def test_demo_model_served_equals_clt_generate(tmp_path):
         model, tokenizer, name = load_model(None)
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    ref, _, _ = load_model(None)
+    ref = copy.deepcopy(model)
     tc = bench_transcoder(576, [6, 9], 512)
     question = [{"role": "user", "content": "What is a list comprehension?"}]
     ids = tokenizer(tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True),
