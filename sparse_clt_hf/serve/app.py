@@ -59,7 +59,6 @@ def create_app(
     seconds, then are cancelled).
     """
     from ..attach import CLTAttachment
-    from . import attach_for_serving
 
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -242,6 +241,28 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------- helpers
+class StepHook:
+    """The attachment's ``on_step`` callback, pointed at a scheduler once the app exists."""
+
+    def __init__(self) -> None:
+        self.target: Any = None
+
+    def __call__(self, features: Any) -> None:
+        if self.target is not None:
+            self.target(features)
+
+
+def attach_for_serving(model: Any, transcoder: Any, **kwargs: Any) -> Any:
+    """:func:`~sparse_clt_hf.attach.attach_clt` with the per-pass callback the server needs (every
+    pass's features are handed over as soon as they are encoded, so tokens stream with their features)."""
+    from ..attach import attach_clt
+
+    hook = StepHook()
+    clt = attach_clt(model, transcoder, on_step=hook, **kwargs)
+    clt._serve_on_step = hook
+    return clt
+
+
 class _Disconnected(Exception):
     pass
 
