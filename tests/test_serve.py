@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -592,3 +593,47 @@ def test_demo_model_served_equals_clt_generate(tmp_path):
     for t in tokens[:-1]:
         recs = sorted((x for x in feats.to_records() if x["position"] == t["position"]), key=lambda x: -x["activation"])
         assert [(f["layer"], f["feature"]) for f in t["features"]] == [(x["layer"], x["feature"]) for x in recs[:3]]
+
+
+def test_serve_command_runs_logs_and_shuts_down_on_sigterm(tmp_path, tok):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    transcoder().save_pretrained(tmp_path / "clt")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "SPARSE_CLT_HF_API_KEY": "k3y", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparse_clt_hf", "serve", "--model", str(tmp_path / "model"), "--clt",
+         str(tmp_path / "clt"), "--port", str(port), "--served-model-name", NAME, "--top-k", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        r = client.completions.create(model=NAME, prompt="secret prompt", max_tokens=3, temperature=0)
+        assert len(r.choices[0].model_extra["features"]["tokens"][0]["features"]) == 4
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401  # the key from the environment
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM), out  # (newer uvicorn re-raises the signal once it shut down)
+    lines = [x for x in out.splitlines() if "sparse_clt_hf.serve" in x]
+    assert any("status=200" in x and "completion_tokens=3" in x for x in lines), out
+    assert any("shutdown: 0 finished [], 0 cancelled []" in x for x in lines), out
+    assert "secret" not in out and "POST /v1/completions" not in out  # no prompt text, no second access line

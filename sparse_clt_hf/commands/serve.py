@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}, not loopback: anyone who can reach it can use the model"
               + ("" if app.state.api_key else " (no --api-key set)"), file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+    # (no access log: the server logs one line per request itself, with its id, tokens and time)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)
     return 0
 

@@ -233,10 +233,9 @@ class Scheduler:
                         raise APIError(400, f"steer: {exc}", param="steer", code="invalid_steer") from exc
             if req.seed is not None:
                 torch.manual_seed(req.seed)
-            with torch.inference_mode():
-                call = self.clt.generate if self.clt is not None else self.model.generate
-                call(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                     stopping_criteria=stops)
+            call = self.clt.generate if self.clt is not None else self.model.generate
+            call(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                 stopping_criteria=stops)
         finally:
             if self.clt is not None:
                 self.clt.clear_steering()
