@@ -637,3 +637,21 @@ def test_serve_command_runs_logs_and_shuts_down_on_sigterm(tmp_path, tok):
     assert any("status=200" in x and "completion_tokens=3" in x for x in lines), out
     assert any("shutdown: 0 finished [], 0 cancelled []" in x for x in lines), out
     assert "secret" not in out and "POST /v1/completions" not in out  # no prompt text, no second access line
+
+
+def test_create_app_takes_an_attachment_made_for_serving(tok):
+    from sparse_clt_hf.serve import attach_for_serving
+
+    model = tiny_model("llama")
+    with attach_clt(model, transcoder(), top_k=K) as plain:
+        with pytest.raises(ValueError, match="attach_for_serving"):
+            create_app(model, tok, plain)
+    with pytest.raises(ValueError, match="max_batch"):
+        create_app(model, tok, None, max_batch=0)
+    clt = attach_for_serving(model, transcoder(), top_k=3, layers=[2])
+    app = create_app(model, tok, clt, model_name=NAME)
+    with Served(app) as s:
+        r = s.client().completions.create(model=NAME, prompt="mine", max_tokens=2, temperature=0)
+    assert r.choices[0].model_extra["features"]["layers"] == [2]
+    assert clt.attached  # the caller's attachment: the server leaves it attached
+    clt.detach()

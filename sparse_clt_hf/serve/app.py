@@ -66,6 +66,9 @@ def create_app(
     context = _context_length(model, tokenizer)
     tokenizer = SharedTokenizer(tokenizer)
     owned = clt is not None and not isinstance(clt, CLTAttachment)
+    if not owned and clt is not None and not isinstance(getattr(clt, "_serve_on_step", None), StepHook):
+        raise ValueError("an attachment passed to create_app must come from sparse_clt_hf.serve.attach_for_serving "
+                         "(the server needs its per-pass callback); or pass the transcoder itself")
     if owned:
         clt = attach_for_serving(model, clt, layers=layers, top_k=top_k)
     limits = Limits(
@@ -81,10 +84,7 @@ def create_app(
     scheduler = Scheduler(model, tokenizer, clt, labels=Labels(stats, tokenizer), max_batch=max_batch,
                           max_queue=max_queue, context=context, batch_wait=batch_wait)
     if clt is not None:
-        hook = getattr(clt, "_serve_on_step", None)
-        if hook is None:
-            raise ValueError("clt must come from sparse_clt_hf.serve.attach_for_serving (it needs the on_step hook)")
-        hook.target = scheduler.on_step
+        clt._serve_on_step.target = scheduler.on_step
     created = int(time.time())
 
     async def lifespan(app: Any) -> AsyncIterator[None]:
