@@ -503,7 +503,7 @@ def test_one_log_line_per_request_without_prompt_text(served, caplog):
     assert not any("secret" in x for x in lines)
 
 
-def test_serve_command_builds_the_app_from_folders(tmp_path, tok):
+def test_serve_command_builds_the_app_from_folders(tmp_path, tok, monkeypatch):
     from sparse_clt_hf import cli
     from sparse_clt_hf.commands import serve as command
 
@@ -517,6 +517,13 @@ def test_serve_command_builds_the_app_from_folders(tmp_path, tok):
     assert app.state.limits.layers == (1, 2) and app.state.limits.top_k == 4 and not app.state.api_key
     with pytest.raises(ValueError, match="--clt is required"):
         command.build(parser.parse_args(["serve", "--model", str(tmp_path / "model")]))
+    loaded = []
+    monkeypatch.setattr(command.demo, "load_model", lambda *a, **k: loaded.append(a))
+    for bad in (["--clt", str(tmp_path / "nothing")], ["--clt", str(tmp_path / "clt"), "--layers", "7"],
+                ["--clt", str(tmp_path / "clt"), "--stats", str(tmp_path / "none")]):
+        with pytest.raises((OSError, ValueError)):
+            command.build(parser.parse_args(["serve", "--model", str(tmp_path / "model"), *bad]))
+    assert loaded == []  # each failed before the model loaded
 
 
 def test_bench_serves_both_side_by_side(tok):

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import demo
 from ..training import parse_layers
+from ._options import add_ref_options, resolve_arg
 
 API_KEY_ENV = "SPARSE_CLT_HF_API_KEY"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transcoder", action="store_true",
                         help="serve the plain model, no features (a baseline for benchmarks)")
     parser.add_argument("--layers", default=None, help="layers to record, e.g. '6,7' or '6-9' (default: all)")
+    add_ref_options(parser)
     parser.add_argument("--top-k", type=int, default=8,
                         help="features recorded per token and layer; the most a request's features.top_k may ask")
     parser.add_argument("--stats", default=None, metavar="PATH",
@@ -91,12 +93,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, str, Any, Any, list[int] | None]:
     """``(model, tokenizer, name, transcoder reference or None, stats, layers)`` from the options."""
-    from ..labels import find_stats
+    from ..formats import describe
+    from ..labels import check_stats_path, find_stats
 
     _check(args)
     layers = parse_layers(args.layers) if args.layers else None
-    if args.clt is not None:
-        demo.preflight(args, args.clt, layers, args.model)
+    check_stats_path(args.stats)
+    if args.clt is not None:  # a bad reference or layer fails before the model loads
+        describe(resolve_arg(args.clt, args), args.format, args.variant, layers=layers)
     model, tokenizer, name = demo.load_model(args.model, **model_load_kwargs(args))
     if args.device:
         model.to(args.device)
@@ -116,13 +120,19 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str, Any, Any, list[int] |
     return model, tokenizer, args.served_model_name or name, None if args.no_transcoder else clt, stats, layers
 
 
+def attach_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--format``/``--variant`` and the Hub options, as :func:`~sparse_clt_hf.attach.attach_clt` takes them."""
+    return {"format": args.format, "variant": args.variant, "revision": args.revision, "cache_dir": args.cache_dir,
+            "local_files_only": args.local_files_only}
+
+
 def build(args: argparse.Namespace) -> Any:
     """Load the model and transcoder and return the ASGI app (what ``run`` serves)."""
     from ..serve import create_app
 
     model, tokenizer, name, clt, stats, layers = load(args)
     return create_app(
-        model, tokenizer, clt, layers=layers, top_k=args.top_k, model_name=name, stats=stats, max_batch=args.max_batch, max_queue=args.max_queue,
+        model, tokenizer, clt, layers=layers, top_k=args.top_k, attach_options=attach_options(args), model_name=name, stats=stats, max_batch=args.max_batch, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body=args.max_body, batch_wait=args.batch_wait_ms / 1000, log_prompts=args.log_prompts,
         shutdown_timeout=args.shutdown_timeout,
@@ -156,7 +166,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.no_transcoder:
         raise ValueError("--bench compares the server with and without the transcoder: drop --no-transcoder")
     model, tokenizer, name, clt, _, layers = load(args)
-    result = bench_serve(model, tokenizer, clt, layers=layers, top_k=args.top_k, requests=args.bench_requests,
+    result = bench_serve(model, tokenizer, clt, layers=layers, top_k=args.top_k, attach_options=attach_options(args),
+                         requests=args.bench_requests,
                          max_batch=args.max_batch, max_tokens=args.bench_max_tokens, rounds=args.bench_rounds,
                          model_name=name)
     if args.json:

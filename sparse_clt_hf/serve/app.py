@@ -38,6 +38,7 @@ def create_app(
     *,
     layers: Any = None,
     top_k: int = 8,
+    attach_options: dict[str, Any] | None = None,
     model_name: str = "model",
     stats: Any = None,
     max_batch: int = 8,
@@ -52,7 +53,9 @@ def create_app(
     """An ASGI app serving ``model`` (with ``tokenizer``) and the features of ``clt``.
 
     ``clt``: a transcoder (a :class:`~sparse_clt_hf.transcoder.CrossLayerTranscoder`, folder or Hub
-    reference: attached here on ``layers`` recording ``top_k`` features per layer, detached at shutdown),
+    reference: attached here on ``layers`` recording ``top_k`` features per layer, with ``attach_options``
+    such as ``format``/``variant``/``revision`` passed to :func:`~sparse_clt_hf.attach.attach_clt`; detached
+    at shutdown),
     an attachment made by :func:`sparse_clt_hf.serve.attach_for_serving`, or None (a plain server, no
     features). ``stats``: per-feature statistics for labels. ``app.state.scheduler`` is the queue (its
     ``close()`` runs at shutdown: queued and running requests finish for up to ``shutdown_timeout``
@@ -70,7 +73,7 @@ def create_app(
         raise ValueError("an attachment passed to create_app must come from sparse_clt_hf.serve.attach_for_serving "
                          "(the server needs its per-pass callback); or pass the transcoder itself")
     if owned:
-        clt = attach_for_serving(model, clt, layers=layers, top_k=top_k)
+        clt = attach_for_serving(model, clt, layers=layers, top_k=top_k, **(attach_options or {}))
     limits = Limits(
         model=model_name,
         layers=tuple(clt.layers) if clt is not None else (),
