@@ -602,6 +602,7 @@ def test_demo_model_served_equals_clt_generate(tmp_path):
         assert [(f["layer"], f["feature"]) for f in t["features"]] == [(x["layer"], x["feature"]) for x in recs[:3]]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: seconds, so CI runs it once
 def test_serve_command_runs_logs_and_shuts_down_on_sigterm(tmp_path, tok):
     import os
     import signal
