@@ -343,7 +343,7 @@ def test_full_queue_answers_429_at_once_and_loses_nothing(tok):
 
 def test_a_client_that_disconnects_frees_its_row_and_the_others_go_on(tok, ref_model):
     app = create_app(tiny_model("llama"), tok, transcoder(), top_k=K, model_name=NAME, max_batch=4,
-                     max_new_tokens=100, batch_wait=0.2)
+                     max_new_tokens=100, batch_wait=0.5)
     scheduler = app.state.scheduler
     step, jobs = scheduler.on_step_end, []
     scheduler.on_step_end = lambda ids: (time.sleep(0.01), step(ids))[1]  # slow enough to leave mid-stream

@@ -10,6 +10,7 @@ every route but ``/health`` needs ``Authorization: Bearer KEY`` (compared in con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -90,6 +91,7 @@ def create_app(
         clt._serve_on_step.target = scheduler.on_step
     created = int(time.time())
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(scheduler.close, shutdown_timeout)
