@@ -429,6 +429,7 @@ BAD = [
     ("temperature range", _body(temperature=5), 400, "temperature"),
     ("token id out of vocab", _body(prompt=[1, 500]), 400, "prompt[0]"),
     ("n too large", _body(n=9), 400, "n"),
+    ("too many prompts", _body(prompt=["a"] * 9), 400, "n"),
     ("logprobs", _body(logprobs=2), 400, "logprobs"),
     ("unknown model", _body(model="/etc/passwd"), 404, "model"),
     ("missing prompt", {"model": NAME}, 400, "prompt"),

@@ -178,5 +178,6 @@ def _bench(args: argparse.Namespace) -> int:
           f"batches of up to {result['max_batch']} (median of {result['rounds']} rounds)")
     print(f"  plain model        {rates['plain']:>9.1f} tokens/s")
     print(f"  with features      {rates['with_features']:>9.1f} tokens/s")
-    print(f"  ratio              {result['ratio']:>9.3f}  (rounds: {result['ratios']}; batch sizes {result['batch_sizes']})")
+    print(f"  ratio              {result['ratio']:>9.3f}  (per round: {result['ratios']})")
+    print(f"  rows per generate call -> calls: {result['batch_sizes']}")
     return 0

@@ -99,7 +99,7 @@ def bench_serve(model: Any, tokenizer: Any, transcoder: Any, *, layers: Any = No
                 seconds, n = _round(urls[name], model_name, asks, max_tokens, max_batch)
                 rates[name].append(n / seconds)
                 tokens[name] = n
-        sizes = dict(servers["with_features"].state.scheduler.batch_sizes)
+        sizes = {name: dict(sorted(app.state.scheduler.batch_sizes.items())) for name, app in servers.items()}
     ratios = [w / p for w, p in zip(rates["with_features"], rates["plain"])]
     return {
         "requests": requests, "max_batch": max_batch, "max_tokens": max_tokens, "rounds": rounds,

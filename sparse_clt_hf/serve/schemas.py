@@ -342,9 +342,9 @@ def parse_request(body: object, kind: str, limits: Limits, tokenize: Callable[[A
     else:
         items = completion_prompts(body, limits.vocab)
         cap_name = "max_tokens"
+    if len(items) * n > limits.max_batch:  # (checked before tokenizing anything)
+        raise bad("n", f"{len(items)} prompt(s) x n={n} rows exceed the server's batch size {limits.max_batch}")
     prompts = [list(x) if isinstance(x, list) and all(_is_int(t) for t in x) else tokenize(x) for x in items]
-    if len(prompts) * n > limits.max_batch:
-        raise bad("n", f"{len(prompts)} prompt(s) x n={n} rows exceed the server's batch size {limits.max_batch}")
     longest = max(len(p) for p in prompts)
     if longest == 0:
         raise bad("prompt", "the prompt has no tokens")
