@@ -78,11 +78,14 @@ def _round(url: str, model: str, prompts: list[str], max_tokens: int, concurrenc
 def bench_serve(model: Any, tokenizer: Any, transcoder: Any, *, layers: Any = None, top_k: int = 8,
                 attach_options: dict[str, Any] | None = None,
                 requests: int = 32, max_batch: int = 8, max_tokens: int = 32, rounds: int = 3,
-                prompts: tuple[str, ...] = BENCH_PROMPTS, model_name: str = "model") -> dict[str, Any]:
+                prompts: tuple[str, ...] = BENCH_PROMPTS, model_name: str = "model",
+                batch_wait: float = 0.05) -> dict[str, Any]:
     """Tokens/s of the server with ``transcoder`` attached vs the plain model, ``requests`` chat
-    completions per round from ``max_batch`` client threads (the server batches up to ``max_batch``)."""
+    completions per round from ``max_batch`` client threads (the server batches up to ``max_batch``;
+    ``batch_wait``: how long a batch waits for the clients' next wave, so that waves are whole batches)."""
     plain_model = copy.deepcopy(model)  # before attaching: a model without hooks
-    kw = dict(model_name=model_name, max_batch=max_batch, max_queue=max(64, requests), max_new_tokens=max_tokens)
+    kw = dict(model_name=model_name, max_batch=max_batch, max_queue=max(64, requests), max_new_tokens=max_tokens,
+              batch_wait=batch_wait)
     servers = {"with_features": create_app(model, tokenizer, transcoder, layers=layers, top_k=top_k,
                                                 attach_options=attach_options, **kw),
                "plain": create_app(plain_model, tokenizer, None, **kw)}
