@@ -504,6 +504,7 @@ def test_one_log_line_per_request_without_prompt_text(served, caplog):
     assert not any("secret" in x for x in lines)
 
 
+@pytest.mark.filterwarnings("ignore:transcoder was trained on")
 def test_serve_command_builds_the_app_from_folders(tmp_path, tok, monkeypatch):
     from sparse_clt_hf import cli
     from sparse_clt_hf.commands import serve as command
