@@ -34,4 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
     "dashboard": ("sparse_clt_hf.commands.dashboard",
                   "a static offline site of feature dashboards (and Neuronpedia / circuit-tracer exports)"),
+    "serve": ("sparse_clt_hf.commands.serve",
+              "an OpenAI-compatible HTTP server whose completions carry every token's features"),
 }
