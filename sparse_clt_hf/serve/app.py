@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..io.structured import load_json
 from .payload import Labels, SharedTokenizer, TextStream, completion_text
 from .scheduler import Job, Scheduler
 from .schemas import APIError, GenerationRequest, Limits, parse_request
@@ -321,8 +322,8 @@ async def read_json(request: Any, limit: int) -> Any:
         if len(data) > limit:
             raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
     try:
-        return json.loads(bytes(data))
-    except (ValueError, RecursionError) as exc:
+        return load_json(bytes(data), "the request body", error=ValueError, limit=limit)
+    except ValueError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}"[:300],
                        code="invalid_json") from None
 
