@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .attach import CLTAttachment, attach_clt
+from .attribution import AttributionGraph, attribute
 from .errors import (
     AlignmentError,
     FeaturesFileError,
@@ -18,6 +19,7 @@ from .transcoder import CrossLayerTranscoder, LayerEncoder, TranscoderConfig
 
 __all__ = [
     "AlignmentError",
+    "AttributionGraph",
     "CLTAttachment",
     "Context",
     "ExtractedShard",
@@ -35,6 +37,7 @@ __all__ = [
     "TranscoderFormatError",
     "__version__",
     "attach_clt",
+    "attribute",
     "feature_stats",
     "iter_extracted",
     "load_extracted",
