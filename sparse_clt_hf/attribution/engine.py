@@ -100,6 +100,27 @@ def _parse_bytes(value: int | float | str) -> int:
     return int(float(text))
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model wants its input ids: an accelerate hook's execution device, else the embedding's device."""
+    for mod in (model, model.get_input_embeddings()):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    weight = model.get_input_embeddings().weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+@torch.no_grad()
+def unembedding_matrix(model: nn.Module) -> torch.Tensor:
+    """[V, d] unembedding weights; for an offloaded head (weights on the meta device) read through its forward."""
+    head = model.get_output_embeddings()
+    if head.weight.device.type != "meta":
+        return head.weight.detach()
+    d = int(head.weight.shape[1])
+    eye = torch.eye(d, device=input_device(model))
+    return (head(eye) - head(torch.zeros_like(eye))).T.contiguous()
+
+
 def available_memory(device: torch.device) -> int | None:
     """Free bytes on ``device`` (CUDA: the driver's free memory; CPU: MemAvailable), None where unknown."""
     if device.type == "cuda":
@@ -211,10 +232,10 @@ def attribute(
     if model.training:
         raise ValueError("the model is in training mode (dropout): call model.eval() before attributing")
     limit = None if max_memory is None else _parse_bytes(max_memory)
-    tc, source_name = resolve_transcoder(model, transcoder, model.get_input_embeddings().weight.device)
+    device = input_device(model)
+    tc, source_name = resolve_transcoder(model, transcoder, device)
 
     with LocalReplacement(model, tc) as rep:
-        device = model.get_input_embeddings().weight.device
         with torch.no_grad():
             out = model(input_ids=tokens[None].to(device), use_cache=False)
         logits = out.logits[0, -1].float()
@@ -229,7 +250,7 @@ def attribute(
             ids = top_i[:cutoff].cpu()
         else:
             ids = torch.tensor(target_ids, dtype=torch.long)
-        W_u = model.get_output_embeddings().weight.detach()
+        W_u = unembedding_matrix(model)
         u = (W_u[ids.to(W_u.device)].float() - W_u.float().mean(0, keepdim=True)).to(work)
         n_logits = len(ids)
         n_active = feats.n_features

@@ -40,26 +40,39 @@ ONE_PLUS_WEIGHT_NORMS = frozenset(
 )
 
 
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A module's parameter, also where accelerate offloads it (meta tensor; the value in the hook's weights map)."""
+    value = getattr(module, name, None)
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is not None:
+            return weights[name]
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _gain(module: nn.Module) -> torch.Tensor | float:
-    w = getattr(module, "weight", None)
+    w = _param(module, "weight")
     if not isinstance(w, torch.Tensor):
         return 1.0
-    return 1.0 + w.float() if type(module).__name__ in ONE_PLUS_WEIGHT_NORMS else w.float()
+    w = w.float()
+    return 1.0 + w if type(module).__name__ in ONE_PLUS_WEIGHT_NORMS else w
 
 
 def _rms_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     scale = torch.rsqrt(xf.detach().pow(2).mean(-1, keepdim=True) + (norm_eps(module) or 1e-6))
-    return xf * scale * _gain(module)
+    gain = _gain(module)
+    return xf * scale * (gain.to(xf.device) if isinstance(gain, torch.Tensor) else gain)
 
 
 def _layernorm_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     centred = xf - xf.mean(-1, keepdim=True)
     scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + (norm_eps(module) or 1e-5))
-    out = centred * scale * _gain(module)
-    b = getattr(module, "bias", None)
-    return out + b.float() if isinstance(b, torch.Tensor) else out
+    gain = _gain(module)
+    out = centred * scale * (gain.to(xf.device) if isinstance(gain, torch.Tensor) else gain)
+    b = _param(module, "bias")
+    return out + b.float().to(out.device) if b is not None else out
 
 
 #: norm kind (see :func:`sparse_clt_hf.sites.norm_kind`) -> the norm as a linear map of its input, scale frozen.
