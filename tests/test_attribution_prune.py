@@ -227,3 +227,16 @@ def test_max_feature_nodes_limits_rows_never_n_by_n():
                               full.row_nodes[full.row_nodes >= full.layout.logit_start], full.logit_probs)
     top = set(torch.argsort(infl[:n_active], descending=True)[:8].tolist())
     assert top <= set(picks)
+
+
+def test_no_active_feature_gives_a_graph_of_errors_and_tokens():
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True, seed=1)
+    for layer in tc.layers:
+        tc.encoder(layer).b_enc.data[:] = -1e3
+    graph = attribute(model, tc, PROMPT, max_feature_nodes=5)
+    assert graph.features.shape == (0, 3) and graph.adjacency.shape == (graph.layout.n_logits, graph.layout.n_nodes)
+    replacement, completeness = graph.scores()
+    assert 0.0 < replacement < 1.0 and 0.0 < completeness < 1.0  # tokens reach the logits directly and via errors
+    pruned = graph.prune()
+    assert pruned.node_mask[graph.layout.token_start :].all()

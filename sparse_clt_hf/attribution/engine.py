@@ -142,7 +142,7 @@ def estimate_memory(model: nn.Module, n_rows: int, n_cols: int, n_positions: int
     d = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1) or 1)
     _, layers = find_decoder_layers(model)
-    per_layer = batch_size * n_positions * (24 * d + 3 * heads * n_positions) * 4
+    per_layer = batch_size * n_positions * 24 * d * 4 + 3 * heads * n_positions * n_positions * 4
     return 2 * n_rows * n_cols * 4 + decoder_floats * 4 + len(layers) * per_layer
 
 
@@ -211,7 +211,7 @@ def attribute(
     first as circuit-tracer does) or token ids, used exactly as given. ``targets``: token ids or one-token strings
     whose logits to explain; by default the most likely tokens until their probability reaches
     ``desired_logit_prob`` (at most ``max_n_logits``). ``max_feature_nodes``: attribute at most this many features,
-    chosen greedily by influence. ``batch_size``: attributed nodes per backward pass. ``max_memory``: a limit in
+    chosen greedily by influence. ``batch_size``: attributed nodes per backward pass (default: 64, halved while the estimate does not fit). ``max_memory``: a limit in
     bytes (or "8GB"), checked with an estimate before the work starts (default: the free memory).
     """
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -222,6 +222,7 @@ def attribute(
     target_ids = _target_ids(targets, tokenizer, vocab)
     if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool) or int(max_feature_nodes) < 1):
         raise ValueError(f"max_feature_nodes must be a positive integer or None, got {max_feature_nodes!r}")
+    auto_batch = batch_size is None
     batch_size = 64 if batch_size is None else batch_size
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -257,8 +258,14 @@ def attribute(
         n_feat_rows = n_active if max_feature_nodes is None else min(int(max_feature_nodes), n_active)
         full = GraphLayout(n_active, rep.n_layers, len(tokens), n_logits)
         B = min(int(batch_size), max(n_feat_rows, n_logits, 1))
-        need = estimate_memory(model, n_feat_rows + n_logits, full.n_nodes, len(tokens), B, feats.decoder_floats)
         free = limit if limit is not None else available_memory(work)
+
+        def need_at(b: int) -> int:
+            return estimate_memory(model, n_feat_rows + n_logits, full.n_nodes, len(tokens), b, feats.decoder_floats)
+
+        while auto_batch and free is not None and B > 1 and need_at(B) > free:
+            B //= 2
+        need = need_at(B)
         if free is not None and need > free:
             raise AttributionMemoryError(
                 f"attribution needs about {need / 2**30:.2f} GiB ({n_feat_rows + n_logits} rows x {full.n_nodes} "
@@ -306,7 +313,9 @@ def attribute(
     new_index = torch.full((n_active,), -1, dtype=torch.long, device=work)
     new_index[selected] = torch.arange(len(selected), device=work)
     is_feature = row_nodes < n_active
-    new_rows = torch.where(is_feature, new_index[row_nodes.clamp(max=max(n_active - 1, 0))], row_nodes - n_active + len(selected))
+    new_rows = row_nodes - n_active + len(selected)
+    if n_active:
+        new_rows = torch.where(is_feature, new_index[row_nodes.clamp(max=n_active - 1)], new_rows)
     order = torch.argsort(new_rows)
     return AttributionGraph(
         tokens=tokens,

@@ -159,17 +159,20 @@ def _eager_of(module: nn.Module) -> Callable[..., Any]:
 
 
 def _frozen_attention(original: str) -> Callable[..., Any]:
-    """An attention function: the output of implementation ``original``, the gradient of its pattern frozen."""
+    """An attention function: the output of implementation ``original``, the gradient of its pattern frozen.
+    Within an attribution pass every batch row holds the same prompt, so the pattern is computed once."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def frozen(module: nn.Module, query, key, value, attention_mask, **kwargs: Any):
         eager = _eager_of(module)
         real_fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
-        out, weights = real_fn(module, query, key, value, attention_mask, **kwargs)
         if not (torch.is_grad_enabled() and value.requires_grad):
-            return out, weights
+            return real_fn(module, query, key, value, attention_mask, **kwargs)
+        with torch.no_grad():
+            out, weights = real_fn(module, query, key, value, attention_mask, **kwargs)
+        # the rows of an attribution pass are one prompt replicated: one pattern [1, heads, q, k] serves them all
         mask = _additive_mask(attention_mask, query, key)
-        lin, _ = eager(module, query.detach(), key.detach(), value, mask, **kwargs)
+        lin, _ = eager(module, query[:1].detach(), key[:1].detach(), value, mask[:1], **kwargs)
         lin = lin.reshape(out.shape).to(out.dtype)
         return out.detach() + (lin - lin.detach()), weights
 
