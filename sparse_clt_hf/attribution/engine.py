@@ -142,7 +142,7 @@ def estimate_memory(model: nn.Module, n_rows: int, n_cols: int, n_positions: int
     d = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1) or 1)
     _, layers = find_decoder_layers(model)
-    per_layer = batch_size * n_positions * 24 * d * 4 + 3 * heads * n_positions * n_positions * 4
+    per_layer = batch_size * n_positions * 24 * d * 4 + 4 * heads * n_positions * n_positions * 4
     return 2 * n_rows * n_cols * 4 + decoder_floats * 4 + len(layers) * per_layer
 
 

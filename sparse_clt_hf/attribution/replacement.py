@@ -159,8 +159,7 @@ def _eager_of(module: nn.Module) -> Callable[..., Any]:
 
 
 def _frozen_attention(original: str) -> Callable[..., Any]:
-    """An attention function: the output of implementation ``original``, the gradient of its pattern frozen.
-    Within an attribution pass every batch row holds the same prompt, so the pattern is computed once."""
+    """An attention function: the output of implementation ``original``, the gradient of its pattern frozen."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def frozen(module: nn.Module, query, key, value, attention_mask, **kwargs: Any):
@@ -168,13 +167,19 @@ def _frozen_attention(original: str) -> Callable[..., Any]:
         real_fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         if not (torch.is_grad_enabled() and value.requires_grad):
             return real_fn(module, query, key, value, attention_mask, **kwargs)
+        # An attribution pass holds one prompt replicated over the batch: the output and the pattern of row 0
+        # serve every row, and the batch is folded into the value's head dimension (one [heads, q, k] pattern).
+        q1, k1 = query[:1].detach(), key[:1].detach()
+        m1 = attention_mask[:1] if attention_mask is not None else None
         with torch.no_grad():
-            out, weights = real_fn(module, query, key, value, attention_mask, **kwargs)
-        # the rows of an attribution pass are one prompt replicated: one pattern [1, heads, q, k] serves them all
-        mask = _additive_mask(attention_mask, query, key)
-        lin, _ = eager(module, query[:1].detach(), key[:1].detach(), value, mask[:1], **kwargs)
-        lin = lin.reshape(out.shape).to(out.dtype)
-        return out.detach() + (lin - lin.detach()), weights
+            out1, weights = real_fn(module, q1, k1, value[:1], m1, **kwargs)
+        b, kv, k_len, hd = value.shape
+        folded = value.permute(1, 2, 0, 3).reshape(1, kv, k_len, b * hd)
+        lin, _ = eager(module, q1, k1, folded, _additive_mask(m1, q1, k1), **kwargs)
+        q_len, heads = lin.shape[1], lin.shape[2]
+        lin = lin.reshape(1, q_len, heads, b, hd).permute(3, 1, 2, 0, 4).reshape(b, q_len, heads, hd).to(out1.dtype)
+        out = out1.expand(b, *out1.shape[1:])
+        return out + (lin - lin.detach()), weights
 
     return frozen
 
