@@ -211,3 +211,40 @@ def test_cpu_offloaded_model_gives_the_same_graph():
     offloaded = attribute(model, tc, PROMPT)
     assert torch.equal(offloaded.features, plain.features)
     torch.testing.assert_close(offloaded.adjacency, plain.adjacency)
+
+
+def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monkeypatch):
+    from sparse_clt_hf.attribution import active
+
+    tc = random_transcoder(decoders=True, seed=4)
+    folder = tc.save_pretrained(tmp_path / "clt")
+    in_memory = attribute(tiny_model("llama"), tc, PROMPT)
+    read = []
+    real_rows = active.load_decoder_rows
+
+    def rows(source, layer, features, **kw):
+        read.append((layer, list(features)))
+        return real_rows(source, layer, features, **kw)
+
+    monkeypatch.setattr(active, "load_decoder_rows", rows)
+    monkeypatch.setattr(active, "load_transcoder", lambda *a, **k: pytest.fail("loaded every decoder"))
+    graph = attribute(tiny_model("llama"), str(folder), PROMPT)
+    assert torch.equal(graph.features, in_memory.features)
+    torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+    for layer, feats in read:  # each layer's active features, once each
+        assert feats == sorted(set(graph.features[graph.features[:, 0] == layer, 2].tolist()))
+    (folder / "W_dec_1.safetensors").unlink()
+    model = tiny_model("llama")
+    counter = Counter(model)
+    with pytest.raises(TranscoderFormatError, match="layer 1 has no decoder"):
+        attribute(model, str(folder), PROMPT)
+    assert counter.n == 0
+
+
+def test_a_plt_folder_gives_the_in_memory_graph(tmp_path):
+    tc = random_transcoder(decoders=True, span=1, activation="jumprelu", seed=5)
+    folder = tc.save_pretrained(tmp_path / "plt")
+    graph = attribute(tiny_model("gemma2"), str(folder), PROMPT)
+    in_memory = attribute(tiny_model("gemma2"), tc, PROMPT)
+    assert torch.equal(graph.features, in_memory.features)
+    torch.testing.assert_close(graph.adjacency, in_memory.adjacency)

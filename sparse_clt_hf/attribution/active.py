@@ -10,44 +10,70 @@ import torch
 from torch import nn
 
 from ..errors import TranscoderFormatError
+from ..formats import detect_format
+from ..formats.circuit_tracer import CLT_KIND, read_config
+from ..io.refs import resolve
 from ..layer_encoder import check_compatible
-from ..loading import choose_input_transform, load_transcoder
+from ..loading import choose_input_transform, load_decoder_rows, load_for_model, load_transcoder
 from ..sites import model_dims
 from ..transcoder import CrossLayerTranscoder
 from .replacement import LocalReplacement, transform_backward, transform_linear
 
+RowSource = dict[str, Any]  #: where decoder rows are read lazily: {"source": Reference, "format", "variant"}
 
-def _as_transcoder(transcoder: Any) -> tuple[CrossLayerTranscoder, str]:
-    """(transcoder with decoders, a name for the graph's metadata) from what ``attribute`` accepts."""
+
+def _lazy_rows(ref: Any, fmt: str | None) -> bool:
+    """True for circuit-tracer's native CLT layout, whose decoder files are read row by row (safetensors slices)
+    and whose decoder biases sit with the encoders: only the active features' rows are ever read."""
+    source = ref.source
+    name = fmt or ref.format_hint or detect_format(source)
+    cfg = read_config(source) if name == "circuit_tracer" else None
+    return bool(cfg) and cfg.get("model_kind") == CLT_KIND and not cfg.get("transcoders")
+
+
+def _as_transcoder(model: nn.Module, transcoder: Any) -> tuple[CrossLayerTranscoder, str, RowSource | None]:
+    """(transcoder, a name for the graph's metadata, where to read decoder rows lazily or None: in memory)."""
     layers = None
     fmt = variant = None
     if isinstance(transcoder, CrossLayerTranscoder):
-        return transcoder, transcoder.config.model_name or "in-memory transcoder"
+        return transcoder, transcoder.config.model_name or "in-memory transcoder", None
     source = getattr(transcoder, "_source", None)
     if isinstance(source, dict) and hasattr(transcoder, "layers"):  # an attachment
         layers = list(transcoder.layers)
         fmt, variant = source.get("format"), source.get("variant")
         transcoder = source.get("source")
         if isinstance(transcoder, CrossLayerTranscoder):
-            return transcoder.select_layers(layers), transcoder.config.model_name or "in-memory transcoder"
-    name = str(getattr(transcoder, "name", transcoder))
-    return load_transcoder(transcoder, layers=layers, format=fmt, decoders=True, variant=variant), name
+            return transcoder.select_layers(layers), transcoder.config.model_name or "in-memory transcoder", None
+    ref = resolve(transcoder)
+    if _lazy_rows(ref, fmt):
+        tc = load_for_model(ref, model, layers=layers, format=fmt, variant=variant)
+        missing = [i for i in tc.layers if not ref.source.exists(f"W_dec_{i}.safetensors")]
+        if missing:
+            raise TranscoderFormatError(
+                f"{ref.name}: layer {missing[0]} has no decoder (W_dec_{missing[0]}.safetensors is missing), which "
+                "attribution needs"
+            )
+        return tc, ref.name, {"source": ref, "format": fmt, "variant": variant}
+    return load_transcoder(ref, layers=layers, format=fmt, decoders=True, variant=variant), ref.name, None
 
 
-def resolve_transcoder(model: nn.Module, transcoder: Any, device: torch.device) -> tuple[CrossLayerTranscoder, str]:
+def resolve_transcoder(
+    model: nn.Module, transcoder: Any, device: torch.device
+) -> tuple[CrossLayerTranscoder, str, RowSource | None]:
     """The transcoder checked against ``model`` (width, layers, decoders), its input transform settled for the
-    model, in float32 on ``device``; raises before any work if a layer has no decoder."""
-    tc, name = _as_transcoder(transcoder)
+    model, in float32 on ``device``, and where its decoder rows are read lazily (None: in memory); raises before
+    any work if a layer has no decoder."""
+    tc, name, rows_from = _as_transcoder(model, transcoder)
     check_compatible(tc.config, *model_dims(model))
     for layer in tc.layers:
-        if tc.encoder(layer).W_dec is None:
+        if rows_from is None and tc.encoder(layer).W_dec is None:
             raise TranscoderFormatError(
                 f"layer {layer}: the transcoder has no decoder (W_dec), which attribution needs; load it with "
                 "decoders (CrossLayerTranscoder.from_pretrained(..., decoders=True)) or pass its reference"
             )
     config = choose_input_transform(tc.select_layers(tc.layers).config, model)
     encoders = {layer: tc.encoder(layer).converted(device, torch.float32) for layer in tc.layers}
-    return CrossLayerTranscoder(config, encoders), name
+    return CrossLayerTranscoder(config, encoders), name, rows_from
 
 
 @dataclass
@@ -89,8 +115,11 @@ class ActiveFeatures:
         return torch.stack([self.layers, self.positions, self.ids], 1).long().cpu()
 
 
-def find_active_features(rep: LocalReplacement, tc: CrossLayerTranscoder, device: torch.device) -> ActiveFeatures:
-    """Features active at positions >= 1 of the pass ``rep`` just recorded (batch row 0), with their vectors."""
+def find_active_features(
+    rep: LocalReplacement, tc: CrossLayerTranscoder, device: torch.device, rows_from: RowSource | None = None
+) -> ActiveFeatures:
+    """Features active at positions >= 1 of the pass ``rep`` just recorded (batch row 0), with their vectors;
+    decoder rows from the transcoder, or read for the active features only from ``rows_from``."""
     n_layers = rep.n_layers
     emb = rep.embed[0].detach().to(device).float()
     T, d = emb.shape
@@ -115,7 +144,13 @@ def find_active_features(rep: LocalReplacement, tc: CrossLayerTranscoder, device
         ids.append(feat)
         values.append(act)
         enc_vecs.append(transform_backward(tc, layer, x[pos], enc.W_enc[feat]))
-        rows = enc.W_dec[feat].float() * act[:, None, None]  # [n, n_out, d]
+        if rows_from is None:
+            dec_rows = enc.W_dec[feat]
+        else:
+            unique, inverse = torch.unique(feat, return_inverse=True)
+            dec_rows = load_decoder_rows(rows_from["source"], layer, unique.tolist(), format=rows_from["format"],
+                                         variant=rows_from["variant"]).to(device)[inverse]
+        rows = dec_rows.float() * act[:, None, None]  # [n, n_out, d]
         nodes = torch.arange(start, start + n, device=device)
         for offset in range(rows.shape[1]):
             target = layer + offset

@@ -234,7 +234,7 @@ def attribute(
         raise ValueError("the model is in training mode (dropout): call model.eval() before attributing")
     limit = None if max_memory is None else _parse_bytes(max_memory)
     device = input_device(model)
-    tc, source_name = resolve_transcoder(model, transcoder, device)
+    tc, source_name, rows_from = resolve_transcoder(model, transcoder, device)
 
     with LocalReplacement(model, tc) as rep:
         with torch.no_grad():
@@ -243,7 +243,7 @@ def attribute(
         if not torch.isfinite(logits).all():
             raise ValueError("the model's logits are not finite on this prompt")
         work = rep.embed.device
-        feats = find_active_features(rep, tc, work)
+        feats = find_active_features(rep, tc, work, rows_from)
         probs = torch.softmax(logits, -1).to(work)
         if target_ids is None:
             top_p, top_i = torch.topk(probs, min(max_n_logits, vocab))
