@@ -9,6 +9,7 @@ attributed features. Never an N x N matrix: the adjacency is ``rows x columns``.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from collections.abc import Sequence
 from typing import Any
@@ -347,6 +348,7 @@ def _decode_each(tokenizer: Any, ids: torch.Tensor) -> list[str] | None:
     return None if tokenizer is None else [tokenizer.decode([int(t)]) for t in ids.tolist()]
 
 
+@functools.cache
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
