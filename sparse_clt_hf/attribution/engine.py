@@ -40,7 +40,7 @@ def _tokens(prompt: Any, tokenizer: Any, vocab: int) -> torch.Tensor:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if ids and ids[0] not in set(tokenizer.all_special_ids):  # circuit-tracer: a special token at position 0
             special = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
-            first = next((t for t in special if t is not None), None)
+            first = next((t for t in special if t), None)  # as circuit-tracer: the first non-zero id
             ids = ([first] if first is not None else []) + list(ids)
         tokens = torch.tensor(ids, dtype=torch.long)
     else:
@@ -215,7 +215,10 @@ def attribute(
     chosen greedily by influence. ``batch_size``: attributed nodes per backward pass (default: 64, halved while the estimate does not fit). ``max_memory``: a limit in
     bytes (or "8GB"), checked with an estimate before the work starts (default: the free memory).
     """
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head): attribution explains logits")
+    vocab = int(head.weight.shape[0])
     tokens = _tokens(prompt, tokenizer, vocab)
     context = _context_length(model)
     if context is not None and len(tokens) > context:

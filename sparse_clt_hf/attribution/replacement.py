@@ -167,17 +167,21 @@ def _frozen_attention(original: str) -> Callable[..., Any]:
         real_fn = eager if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         if not (torch.is_grad_enabled() and value.requires_grad):
             return real_fn(module, query, key, value, attention_mask, **kwargs)
-        # An attribution pass holds one prompt replicated over the batch: the output and the pattern of row 0
-        # serve every row, and the batch is folded into the value's head dimension (one [heads, q, k] pattern).
+        # An attribution pass holds one prompt replicated over the batch: row 0's output and pattern (from the
+        # model's own eager attention) serve every row; the batch is folded into one [heads, q, k] matmul.
         q1, k1 = query[:1].detach(), key[:1].detach()
         m1 = attention_mask[:1] if attention_mask is not None else None
         with torch.no_grad():
             out1, weights = real_fn(module, q1, k1, value[:1], m1, **kwargs)
+            _, pattern = eager(module, q1, k1, value[:1], _additive_mask(m1, q1, k1), **kwargs)
+        if pattern is None:
+            raise HookSiteError(f"cannot freeze the attention of {type(module).__name__}: its eager attention returns no pattern")
+        p = pattern[0].to(value.dtype)  # [heads, q, k]
+        heads, q_len = p.shape[0], p.shape[1]
         b, kv, k_len, hd = value.shape
-        folded = value.permute(1, 2, 0, 3).reshape(1, kv, k_len, b * hd)
-        lin, _ = eager(module, q1, k1, folded, _additive_mask(m1, q1, k1), **kwargs)
-        q_len, heads = lin.shape[1], lin.shape[2]
-        lin = lin.reshape(1, q_len, heads, b, hd).permute(3, 1, 2, 0, 4).reshape(b, q_len, heads, hd).to(out1.dtype)
+        v = value.repeat_interleave(heads // kv, dim=1) if kv != heads else value
+        lin = torch.bmm(p, v.permute(1, 2, 0, 3).reshape(heads, k_len, b * hd))
+        lin = lin.reshape(heads, q_len, b, hd).permute(2, 1, 0, 3).to(out1.dtype)  # [b, q, heads, hd]
         out = out1.expand(b, *out1.shape[1:])
         return out + (lin - lin.detach()), weights
 
