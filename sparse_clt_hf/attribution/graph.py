@@ -27,12 +27,13 @@ class AttributionGraph:
     ``adjacency[r, c]`` is the direct effect of source node ``c`` on target node ``row_nodes[r]`` in the local
     replacement model (for a feature target: on its pre-activation; for a logit target: on that logit minus the
     mean logit). Columns follow :class:`GraphLayout` (features | errors | tokens | logits). Rows exist only for
-    the attributed nodes (the logits and the features chosen by influence); a node without a row has no
-    incoming edges recorded.
+    the attributed nodes (the logits and the features); error and token nodes have none. With
+    ``max_feature_nodes`` the features that were not attributed are left out of the graph, as circuit-tracer does
+    (``meta["n_active_features"]`` counts them all).
     """
 
     tokens: torch.Tensor  #: [T] int64, the prompt exactly as attributed
-    features: torch.Tensor  #: [n, 3] int64 (layer, position, feature id), sorted by (layer, position, feature)
+    features: torch.Tensor  #: [n, 3] int64 (layer, position, feature id) of the attributed features, sorted
     activations: torch.Tensor  #: [n] float32, the features' activations
     logit_ids: torch.Tensor  #: [K] int64, the explained tokens
     logit_probs: torch.Tensor  #: [K] float32, their probabilities at the last position
