@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -277,7 +278,8 @@ def attribute(
                 f"{'is allowed (max_memory)' if limit is not None else 'is free'}: lower max_feature_nodes or batch_size"
             )
 
-        model(input_ids=tokens[None].expand(B, -1).to(device), use_cache=False)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        model(input_ids=tokens[None].expand(B, -1).to(device), use_cache=False, **keep)  # only the last logits
         rows_of = _Rows(rep, feats, full.logit_start, work)
         edges = torch.zeros(n_feat_rows + n_logits, full.n_nodes, device=work)
         row_nodes = torch.zeros(n_feat_rows + n_logits, dtype=torch.long, device=work)
