@@ -209,6 +209,7 @@ CASES = [
     ("olmo2", "relu", 1),
     ("gemma", "relu", None),
     ("qwen2", "jumprelu", 1),
+    ("gemma3_text", "jumprelu", None),
 ]
 
 
