@@ -18,7 +18,8 @@ from .layout import GraphLayout
 def normalize_rows(rows: torch.Tensor, floor: float = 1e-10) -> torch.Tensor:
     """``|rows|`` divided by each row's sum (at least ``floor``): circuit-tracer's ``normalize_matrix``."""
     out = rows.abs()
-    return out / out.sum(dim=1, keepdim=True).clamp(min=floor)
+    out /= out.sum(dim=1, keepdim=True).clamp(min=floor)  # in place: one copy of the rectangle, not two
+    return out
 
 
 def influence(normalized: torch.Tensor, row_nodes: torch.Tensor, weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
