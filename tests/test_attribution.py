@@ -64,7 +64,8 @@ class Replay:
         return (p @ v).transpose(1, 2).contiguous(), None
 
     def norm_hook(self, mod, args, out):
-        x = args[0]
+        shape = args[0].shape
+        x = self._btd(args[0])
         key_id = id(mod)
         if self.mode == "record":
             self.norm_x[key_id] = x[:1]
@@ -78,6 +79,7 @@ class Replay:
             eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", 1e-6)
             s = torch.rsqrt(x0.pow(2).mean(-1, keepdim=True) + eps)
             y = x * s * _gain(mod)
+        y = y.reshape(shape)
         return y if torch.is_tensor(out) else (y, *out[1:])
 
     def install(self):
@@ -97,19 +99,23 @@ class Replay:
         self.handles.append(self.model.get_input_embeddings().register_forward_hook(self._emb))
         self.handles.append(self.model.get_output_embeddings().register_forward_pre_hook(self._final))
 
+    def _btd(self, t):  # OPT flattens its MLP's tensors to [rows, d]
+        return t.view(self.batch, -1, t.shape[-1]) if t.ndim == 2 else t
+
     def _out(self, layer):
         def hook(mod, args, out):
+            real = out if torch.is_tensor(out) else out[0]
             if self.mode == "record":
-                self.mlp_out[layer] = (out if torch.is_tensor(out) else out[0])[:1]
+                self.mlp_out[layer] = self._btd(real)[:1]
                 return None
-            y = self.mlp_out[layer] + self.delta_out.get(layer, 0)
+            y = (self.mlp_out[layer] + self.delta_out.get(layer, 0)).reshape(real.shape)
             return y if torch.is_tensor(out) else (y, *out[1:])
 
         return hook
 
     def _inp(self, layer):
         def hook(mod, args):
-            self.inputs[layer] = args[0]
+            self.inputs[layer] = self._btd(args[0])
 
         return hook
 
@@ -123,6 +129,7 @@ class Replay:
         self.final = args[0]
 
     def run(self, tokens, batch=1):
+        self.batch = batch
         with torch.no_grad():
             self.model(input_ids=tokens[None].expand(batch, -1), use_cache=False)
 
@@ -210,6 +217,7 @@ CASES = [
     ("gemma", "relu", None),
     ("qwen2", "jumprelu", 1),
     ("gemma3_text", "jumprelu", None),
+    ("opt", "relu", None),
 ]
 
 

@@ -285,10 +285,10 @@ class LocalReplacement:
 
     def _input_hook(self, layer: int, which: str) -> Callable[..., Any]:
         def pre(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            self.inputs[layer] = _hidden(args, kwargs)[1]
+            self.inputs[layer] = self._btd(_hidden(args, kwargs)[1])
 
         def post(mod: nn.Module, args: tuple, out: Any) -> None:
-            self.inputs[layer] = _out_tensor(out)
+            self.inputs[layer] = self._btd(_out_tensor(out))
 
         return pre if which == "input" else post
 
@@ -298,15 +298,19 @@ class LocalReplacement:
 
         def post(mod: nn.Module, args: tuple, out: Any) -> Any:
             real = _out_tensor(out)
-            leaf = real.detach().requires_grad_(torch.is_grad_enabled())
+            leaf = self._btd(real.detach()).requires_grad_(torch.is_grad_enabled())
             self.outputs[layer] = leaf
             new = leaf
             if skip is not None and torch.is_grad_enabled() and layer in self.inputs:
                 s = transform_linear(self.tc, layer, self.inputs[layer]) @ skip.float().T
                 new = leaf + (s - s.detach()).to(leaf.dtype)
-            return _replace_out(out, new)
+            return _replace_out(out, new.reshape(real.shape))
 
         return post
+
+    def _btd(self, t: torch.Tensor) -> torch.Tensor:
+        """``[batch, positions, d]`` view of a site tensor (some models, e.g. OPT, flatten to ``[rows, d]``)."""
+        return t.view(*self.embed.shape[:2], t.shape[-1]) if t.ndim == 2 and self.embed is not None else t
 
     def _detach_input(self, mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         where, x = _hidden(args, kwargs)
