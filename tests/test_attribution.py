@@ -218,16 +218,19 @@ CASES = [
     ("qwen2", "jumprelu", 1),
     ("gemma3_text", "jumprelu", None),
     ("opt", "relu", None),
+    ("gpt_neox", "relu", None),  # parallel attention and MLP; the transcoder reads mlp_in
 ]
+SITE = {"gpt_neox": "mlp_in"}
 
 
 @pytest.mark.parametrize(("arch", "activation", "span"), CASES, ids=[f"{a}-{b}-{'plt' if s else 'clt'}" for a, b, s in CASES])
 def test_adjacency_equals_frozen_model_replay(arch, activation, span):
     model = tiny_model(arch)
-    tc = random_transcoder(activation=activation, span=span, decoders=True, seed=3)
+    site = SITE.get(arch, "resid_mid")
+    tc = random_transcoder(activation=activation, span=span, decoders=True, seed=3, site=site)
     graph = attribute(model, tc, PROMPT, batch_size=32)
     model64 = tiny_model(arch).double()
-    tc64 = random_transcoder(activation=activation, span=span, decoders=True, seed=3).double()
+    tc64 = random_transcoder(activation=activation, span=span, decoders=True, seed=3, site=site).double()
     ref, acts = reference_rows(model64, tc64, PROMPT, graph)
     # active features: every nonzero of the textbook encode at positions >= 1, in (layer, position, feature) order
     want = [[layer, p, f] for layer in tc.layers for p, f in torch.nonzero(acts[layer]).tolist()]
