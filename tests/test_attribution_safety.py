@@ -248,3 +248,30 @@ def test_a_plt_folder_gives_the_in_memory_graph(tmp_path):
     in_memory = attribute(tiny_model("gemma2"), tc, PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+
+
+def test_automatic_batch_size_shrinks_to_fit_the_memory_limit():
+    model = tiny_model("llama")
+    tc = random_transcoder(decoders=True)
+    full = attribute(model, tc, PROMPT)
+    n = full.meta["n_active_features"]
+    big = engine.estimate_memory(model, n + 10, full.layout.n_nodes, len(PROMPT), 64, 0)
+    small = engine.estimate_memory(model, n + 10, full.layout.n_nodes, len(PROMPT), 4, 10**6)
+    assert small < big
+    graph = attribute(model, tc, PROMPT, max_memory=(small + big) // 2)  # fits only with a smaller batch
+    torch.testing.assert_close(graph.adjacency, full.adjacency)
+    with pytest.raises(AttributionMemoryError):
+        attribute(model, tc, PROMPT, batch_size=64, max_memory=(small + big) // 2)  # an explicit batch stays
+
+
+def test_an_attachment_loaded_from_a_folder_attributes_its_layers(tmp_path):
+    tc = random_transcoder(decoders=True, seed=6)
+    folder = tc.save_pretrained(tmp_path / "clt")
+    model = tiny_model("llama")
+    clt = attach_clt(model, str(folder), layers=[0, 1])
+    graph = clt.attribute(PROMPT)
+    clt.detach()
+    assert set(graph.features[:, 0].tolist()) <= {0, 1}
+    direct = attribute(model, tc.select_layers([0, 1]), PROMPT)
+    assert torch.equal(graph.features, direct.features)
+    torch.testing.assert_close(graph.adjacency, direct.adjacency)
