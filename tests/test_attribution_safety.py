@@ -7,13 +7,24 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_transcoder
-from test_demo import char_tokenizer
 from tiny_models import tiny_model
 
 from sparse_clt_hf import AttributionGraph, TranscoderFormatError, attach_clt, attribute
 from sparse_clt_hf.attribution import AttributionMemoryError, attribute_generated, engine
 
 PROMPT = torch.tensor([2, 17, 5, 99, 43, 8, 61, 23])
+
+
+def char_tokenizer():
+    """A fast tokenizer with one token per printable character (ids < 128) and <pad>/<eos>/<bos> = 0/1/2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chr(32 + i): 3 + i for i in range(95)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
 
 
 def state(model):
