@@ -147,7 +147,10 @@ def reference_rows(model, tc, tokens, graph):
     recon = torch.zeros(L, T, d, dtype=torch.float64)
     acts = {}
     for layer in tc.layers:
-        a = textbook_dense(tc, rep.inputs[layer][0], layer)
+        x = rep.inputs[layer][0]
+        if tc.config.input_transform == "rmsnorm":  # (conftest's textbook covers layernorm itself)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tc.config.input_norm_eps)
+        a = textbook_dense(tc, x, layer)
         a[0] = 0
         acts[layer] = a
         enc = tc.encoder(layer)
@@ -174,6 +177,18 @@ def reference_rows(model, tc, tokens, graph):
     n_src = len(deltas)
     assert n_src == lay.logit_start
     rep.mode = "replay"
+    x_base = {layer: rep.inputs[layer][0] for layer in tc.layers}
+
+    def frozen_transform_at(layer, pos, x):
+        kind, eps = tc.config.input_transform, tc.config.input_norm_eps
+        x0 = x_base[layer][pos]
+        if kind == "rmsnorm":
+            return x * torch.rsqrt(x0.pow(2).mean() + eps)
+        if kind == "layernorm":
+            enc = tc.encoder(layer)
+            s0 = torch.rsqrt(((x0 - x0.mean()) ** 2).mean() + eps)
+            return (x - x.mean(-1, keepdim=True)) * s0 * enc.norm_weight.double()
+        return x
 
     def targets():
         vals = []
@@ -185,7 +200,8 @@ def reference_rows(model, tc, tokens, graph):
                 out.append(rep.final[:, -1] @ u[node - lay.logit_start])
             else:
                 layer, pos, feat = graph.features[node].tolist()
-                out.append(rep.inputs[layer][:, pos] @ tc.encoder(layer).W_enc[feat].double())
+                x = frozen_transform_at(layer, pos, rep.inputs[layer][:, pos])
+                out.append(x @ tc.encoder(layer).W_enc[feat].double())
         vals = torch.stack(out, 1)  # [batch, rows]
         return vals
 
@@ -219,18 +235,28 @@ CASES = [
     ("gemma3_text", "jumprelu", None),
     ("opt", "relu", None),
     ("gpt_neox", "relu", None),  # parallel attention and MLP; the transcoder reads mlp_in
+    ("mistral", "jumprelu", None, "layernorm"),  # the transcoder's own input transforms, frozen
+    ("qwen3", "relu", 1, "rmsnorm"),
 ]
 SITE = {"gpt_neox": "mlp_in"}
 
 
-@pytest.mark.parametrize(("arch", "activation", "span"), CASES, ids=[f"{a}-{b}-{'plt' if s else 'clt'}" for a, b, s in CASES])
-def test_adjacency_equals_frozen_model_replay(arch, activation, span):
+def _case_id(case):
+    arch, act, span, *transform = case
+    return "-".join([arch, act, "plt" if span else "clt", *transform])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_adjacency_equals_frozen_model_replay(case):
+    arch, activation, span, *rest = case
+    transform = rest[0] if rest else "none"
     model = tiny_model(arch)
     site = SITE.get(arch, "resid_mid")
-    tc = random_transcoder(activation=activation, span=span, decoders=True, seed=3, site=site)
+    kw = dict(activation=activation, span=span, decoders=True, seed=3, site=site, input_transform=transform)
+    tc = random_transcoder(**kw)
     graph = attribute(model, tc, PROMPT, batch_size=32)
     model64 = tiny_model(arch).double()
-    tc64 = random_transcoder(activation=activation, span=span, decoders=True, seed=3, site=site).double()
+    tc64 = random_transcoder(**kw).double()
     ref, acts = reference_rows(model64, tc64, PROMPT, graph)
     # active features: every nonzero of the textbook encode at positions >= 1, in (layer, position, feature) order
     want = [[layer, p, f] for layer in tc.layers for p, f in torch.nonzero(acts[layer]).tolist()]
