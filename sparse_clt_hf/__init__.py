@@ -17,6 +17,8 @@ from ._version import __version__
 _EXPORTS: dict[str, str] = {
     "CLTAttachment": "attach",
     "attach_clt": "attach",
+    "AttributionGraph": "attribution",
+    "attribute": "attribution",
     "AlignmentError": "errors",
     "FeaturesFileError": "errors",
     "HookSiteError": "errors",
@@ -70,6 +72,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     # ruff: noqa: F401  (these names are re-exported lazily by __getattr__)
     from .attach import CLTAttachment, attach_clt
+    from .attribution import AttributionGraph, attribute
     from .errors import (
         AlignmentError,
         FeaturesFileError,

@@ -173,6 +173,29 @@ class CLTAttachment:
             raise AlignmentError("generate() ran no forward pass, so it recorded no features")
         return out, Features.concat([r.materialise() for r in new])
 
+    def attribute(self, prompt: Any, **kwargs: Any) -> Any:
+        """:func:`sparse_clt_hf.attribute` with this transcoder and layers (recording paused meanwhile)."""
+        from .attribution import attribute
+
+        return self._paused(lambda: attribute(self.model, self, prompt, **kwargs))
+
+    def attribute_generated(self, sequences: Any, *, row: int = 0, position: int = -1, **kwargs: Any) -> Any:
+        """Why the model generated ``sequences[row, position]`` (prompt: the row before it, left padding dropped)."""
+        from .attribution import attribute_generated
+
+        return self._paused(lambda: attribute_generated(self.model, self, sequences, row=row, position=position, **kwargs))
+
+    def _paused(self, work: Any) -> Any:
+        self._check_attached()
+        if self._steering.handles:
+            raise ValueError("clear_steering() before attributing: attribution explains the unsteered model")
+        for handle in self._handles:
+            handle.remove()
+        try:
+            return work()
+        finally:
+            self._handles = self._recorder.register()
+
     def flush(self) -> None:
         """Encode the decode-step buffer now (called automatically; cheap when empty)."""
         with self._exclusive("flush()"):

@@ -3,3 +3,8 @@
 Modules (data flows down): ``layout`` (node order) -> ``prune`` (influence, pruning, scores: pure tensor
 functions) -> ``graph`` (:class:`AttributionGraph`, save/load, JSON) -> ``engine`` (:func:`attribute`).
 """
+
+from .engine import AttributionMemoryError, attribute, attribute_generated
+from .graph import AttributionGraph
+
+__all__ = ["AttributionGraph", "AttributionMemoryError", "attribute", "attribute_generated"]
