@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -175,13 +175,16 @@ def _check_details(details: Mapping[str, Any], used: set[str]) -> dict[str, Any]
     return out
 
 
-def feature_details_from_stats(graph_json: Mapping[str, Any], stats: StatsLike, tokenizer: Any, *,
-                               n_contexts: int = N_CONTEXTS) -> dict[str, Any]:
-    """``{"LAYER/FEATURE": {"label", "top_contexts", "frequency", "mean", "max"}}`` for the graph's features
-    that ``stats`` covers (:class:`~sparse_clt_hf.feature_stats.FeatureStats`; its token ids decoded with
-    ``tokenizer``): the label is the feature's top tokens (:func:`~sparse_clt_hf.view.feature_label`), a
-    context a window of tokens around a max activation."""
-    wanted = sorted({fl for n in graph_json.get("nodes", []) if (fl := feature_of(n)) is not None})
+def feature_details_from_stats(graph: Mapping[str, Any] | Iterable[tuple[int, int]], stats: StatsLike, tokenizer: Any,
+                               *, n_contexts: int = N_CONTEXTS) -> dict[str, Any]:
+    """``{"LAYER/FEATURE": {"label", "top_contexts", "frequency", "mean", "max"}}`` for the features of ``graph``
+    (a graph JSON dict, or ``(layer, feature)`` pairs) that ``stats`` covers
+    (:class:`~sparse_clt_hf.feature_stats.FeatureStats`; its token ids decoded with ``tokenizer``): the label is
+    the feature's top tokens (:func:`~sparse_clt_hf.view.feature_label`), a context a window of tokens around one
+    of its max activations."""
+    pairs = ([fl for n in graph.get("nodes", []) if (fl := feature_of(n)) is not None]
+             if isinstance(graph, Mapping) else [(int(a), int(b)) for a, b in graph])
+    wanted = sorted(set(pairs))
     out: dict[str, Any] = {}
     for layer, feature in wanted:
         if layer not in stats.layers or not 0 <= feature < stats.n_features[stats.layers.index(layer)]:
@@ -199,6 +202,32 @@ def feature_details_from_stats(graph_json: Mapping[str, Any], stats: StatsLike, 
             "mean": float(stats.mean(layer)[feature]),
             "max": float(stats.max(layer)[feature]),
         }
+    return out
+
+
+def top_features(graph_json: Mapping[str, Any], n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` most influential feature nodes of a pruned graph JSON, most influential first: ``layer``,
+    ``feature``, ``position``, ``token``, ``activation``, ``influence``, ``label`` and ``to_logit`` (the direct
+    effect on the top logit, None without a link). circuit-tracer's node ``influence`` is cumulative: the share
+    of all influence on the logits held by the nodes at least as influential as this one, so smaller ranks
+    higher."""
+    nodes = graph_json.get("nodes", [])
+    tokens = (graph_json.get("metadata") or {}).get("prompt_tokens") or []
+    logits = sorted((x for x in nodes if _kind(str(x.get("feature_type"))) == "logit"),
+                    key=lambda x: (not x.get("is_target_logit"), -float(x.get("token_prob") or 0)))
+    top_logit = logits[0]["node_id"] if logits else None
+    to_logit = {link["source"]: float(link["weight"]) for link in graph_json.get("links", [])
+                if link["target"] == top_logit}
+    feats = [x for x in nodes if feature_of(x) is not None]
+    feats.sort(key=lambda x: float("inf") if x.get("influence") is None else float(x["influence"]))
+    out = []
+    for x in feats[:n]:
+        layer, feature = feature_of(x)  # type: ignore[misc]
+        pos = int(x["ctx_idx"])
+        out.append({"layer": layer, "feature": feature, "position": pos,
+                    "token": tokens[pos] if pos < len(tokens) else None, "activation": _num(x.get("activation")),
+                    "influence": _num(x.get("influence")), "label": str(x.get("clerp") or ""),
+                    "to_logit": to_logit.get(x["node_id"])})
     return out
 
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sparse_clt_hf.commands.bench", "measure capture overhead, memory and encode speed"),
     "extract": ("sparse_clt_hf.commands.extract", "extract transcoder features over a corpus into resumable shards"),
     "stats": ("sparse_clt_hf.commands.stats", "per-feature statistics and max-activating contexts of an extraction"),
+    "attribute": ("sparse_clt_hf.commands.attribute",
+                  "why the model predicts its next token: an attribution graph (JSON, HTML page, summary)"),
     "explain": ("sparse_clt_hf.commands.explain",
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
 }
