@@ -201,7 +201,6 @@ def test_demo_attribute_explains_the_first_generated_token(tiny_dirs, monkeypatc
     assert rc == 0
     text = capsys.readouterr().out
     enc = demo_mod.chat_input(tok, "hi")
-    n = enc["input_ids"].shape[1]
     with torch.no_grad():  # the first greedy token, computed here with a plain forward pass
         first = int(model(**enc).logits[0, -1].argmax())
     assert torch.equal(torch.as_tensor(fake_engine["prompt"]), enc["input_ids"][0])
