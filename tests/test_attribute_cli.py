@@ -149,9 +149,9 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     # the summary: target and probability, scores, features by influence (smallest cumulative first), files
     assert "explained: 'x' p=0.625" in text
     assert "replacement 0.750, completeness 0.900" in text
-    rows = [line for line in text.splitlines() if re.match(r"\s+\d+\. L", line)]
+    rows = [line for line in text.splitlines() if re.match(r"\s+\d+  L", line)]
     assert [re.search(r"L(\d+/\d+)", r).group(1) for r in rows] == ["2/7", "1/5", "0/3"]
-    assert "-> top logit +2" in rows[0] and feature_label(fake_stats, tok, 1, 5) in rows[1]
+    assert rows[0].split()[-1] == "+2" and feature_label(fake_stats, tok, 1, 5) in rows[1]
     assert f"saved graph JSON (circuit-tracer / Neuronpedia) to {out}" in text
     assert f"saved HTML view (open in a browser) to {page}" in text and f"saved whole graph to {saved}" in text
 

@@ -165,7 +165,7 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
         "targets": [{"token": s, "id": int(i), "probability": round(float(p), 4)}
                     for s, i, p in zip(strings, graph.logit_ids.tolist(), graph.logit_probs.tolist())],
         "active_features": n,
-        "attributed_rows": int(graph.row_nodes.shape[0]),
+        "attributed_features": int(graph.row_nodes.shape[0]) - int(graph.logit_ids.shape[0]),
         "pruned": {"nodes": len(graph_json["nodes"]), "links": len(graph_json["links"]), "by_type": kinds,
                    "node_threshold": node_threshold, "edge_threshold": edge_threshold},
         "scores": {"replacement": round(float(replacement), 4), "completeness": round(float(completeness), 4)},
@@ -182,21 +182,25 @@ def format_report(report: dict[str, Any]) -> str:
              "explained: " + ", ".join(f"{t['token']!r} p={t['probability']:.3f}" for t in report["targets"])]
     p = report["pruned"]
     kinds = ", ".join(f"{v} {k}" for k, v in sorted(p["by_type"].items()))
-    lines.append(f"graph: {report['active_features']} active features, {report['attributed_rows']} attributed rows, "
+    lines.append(f"graph: {report['active_features']} active features ({report['attributed_features']} attributed) in "
                  f"{report['seconds']:.1f} s; pruned (node {p['node_threshold']}, edge {p['edge_threshold']}) to "
                  f"{p['nodes']} nodes ({kinds}) and {p['links']} links")
     s = report["scores"]
     lines.append(f"scores: replacement {s['replacement']:.3f}, completeness {s['completeness']:.3f} (1 = everything "
                  "flows through features / nothing through error nodes)")
     lines.append("")
-    lines.append("most influential features (on the explained logits, through the graph):")
+    lines.append("most influential features on the explained logits (direct effect on the top one):")
     if not report["top_features"]:
         lines.append("  none kept by pruning")
+    else:
+        lines.append(f"  {'#':>3}  {'feature':<12} {'at':<18} {'act':>8} {'-> logit':>9}  label")
     for i, f in enumerate(report["top_features"], 1):
-        direct = "" if f["to_logit"] is None else f"  -> top logit {f['to_logit']:+.3g}"
-        lines.append(f"  {i:>2}. L{f['layer']}/{f['feature']:<6} at #{f['position']} {f['token']!r:<12} "
-                     f"act {f['activation'] if f['activation'] is not None else float('nan'):.3g}{direct}"
-                     + (f"  {f['label']}" if f["label"] else ""))
+        where = f"#{f['position']} {f['token']!r}" if f["token"] is not None else f"#{f['position']}"
+        act = "" if f["activation"] is None else f"{f['activation']:.3g}"
+        direct = "" if f["to_logit"] is None else f"{f['to_logit']:+.3g}"
+        fid = f"L{f['layer']}/{f['feature']}"
+        lines.append(f"  {i:>3}  {fid:<12} {where:<18} {act:>8} {direct:>9}  "
+                     f"{f['label']}".rstrip())
     if not report["labels"]:
         lines.append("(no feature statistics, so no labels: pass --stats, see `sparse-clt-hf stats`)")
     files = report["files"]
