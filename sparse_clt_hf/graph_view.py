@@ -231,9 +231,15 @@ def top_features(graph_json: Mapping[str, Any], n: int = 10) -> list[dict[str, A
     return out
 
 
-def labels_from_details(details: Mapping[str, Any]) -> dict[str, str]:
-    """``{"LAYER/FEATURE": label}`` (the graph JSON's ``clerp``) from :func:`feature_details_from_stats`."""
-    return {key: str(entry.get("label") or "") for key, entry in details.items() if entry.get("label")}
+def labels_from_details(details: Mapping[str, Any]) -> dict[tuple[int, int], str]:
+    """``{(layer, feature): label}`` (what ``AttributionGraph.to_json(labels=...)`` writes into ``clerp``) from
+    :func:`feature_details_from_stats`'s ``{"LAYER/FEATURE": {"label": ...}}``."""
+    out: dict[tuple[int, int], str] = {}
+    for key, entry in details.items():
+        if entry.get("label"):
+            layer, _, feature = key.partition("/")
+            out[int(layer), int(feature)] = str(entry["label"])
+    return out
 
 
 def render_html(data: dict[str, Any]) -> str:

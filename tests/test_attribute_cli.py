@@ -54,7 +54,7 @@ class FakeGraph(AttributionGraph):
         nodes = []
         for (layer, pos, f), (*_, act, infl, kept) in zip(self.features.tolist(), FEATURES):
             if kept:
-                nodes.append(feature_node(layer, pos, f, infl, act, clerp=labels.get(f"{layer}/{f}", "")))
+                nodes.append(feature_node(layer, pos, f, infl, act, clerp=labels.get((layer, f), "")))
         nodes += [token_node(p, int(t), 0.95) for p, t in enumerate(self.tokens.tolist())]
         nodes += [logit_node(T - 1, int(i), s, self.n_layers, j == 0, float(p))
                   for j, (i, s, p) in enumerate(zip(self.logit_ids.tolist(), self.logit_strings, self.logit_probs.tolist()))]
@@ -138,7 +138,7 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     # the graph JSON: the thresholds and the labels of the kept features (from the statistics), none for the pruned one
     tok = c["tokenizer"]
     kept = [(layer, f) for layer, _, f, *_, k in FEATURES if k and layer in (0, 1)]
-    assert c["to_json"]["labels"] == {f"{layer}/{f}": feature_label(fake_stats, tok, layer, f) for layer, f in kept}
+    assert c["to_json"]["labels"] == {(layer, f): feature_label(fake_stats, tok, layer, f) for layer, f in kept}
     assert (c["to_json"]["node_threshold"], c["to_json"]["edge_threshold"]) == (0.7, 0.9)
     assert c["to_json"]["slug"] == "hi-b" and c["to_json"]["scan"] == str(clt_dir)
     graph_json = json.loads(out.read_text())
@@ -177,6 +177,7 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     (["--desired-logit-prob", "0"], "expected a probability"),
     (["--prompt", ""], "--prompt is empty"),
     (["--out", "/nonexistent/dir/g.json"], "does not exist"),
+    (["--out", "graph.txt"], "should end in .json"),
     (["--save", "/nonexistent/dir/g.safetensors"], "does not exist"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(tiny_dirs, monkeypatch, fake_engine, capsys, extra, message):  # noqa: F811
@@ -247,3 +248,25 @@ def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
     assert report["scores"]["replacement"] == pytest.approx(graph.scores()[0], abs=1e-4)
     loaded = AttributionGraph.load(tmp_path / "g.safetensors")
     assert torch.equal(loaded.features, graph.features)
+
+
+def test_attribution_example(monkeypatch, fake_engine, tmp_path, capsys):
+    """examples/attribution.py on the tiny model (its transcoder trained in seconds), the engine faked."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setenv("SPARSE_CLT_HF_EXAMPLE_TINY", "1")
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    spec = importlib.util.spec_from_file_location("example_attribution", examples / "attribution.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        result = module.main("hello", html=str(tmp_path / "g.html"), max_feature_nodes=50)
+    finally:
+        sys.modules.pop("_common", None)
+    assert fake_engine["prompt"] == "hello" and fake_engine["max_feature_nodes"] == 50
+    assert (tmp_path / "g.html").is_file() and (tmp_path / "g.json").is_file()
+    assert [(f["layer"], f["feature"]) for f in result["top"]] == [(2, 7), (1, 5), (0, 3)]
+    out = capsys.readouterr().out
+    assert "most influential features:" in out and "L2/7" in out and "replacement score 0.750" in out

@@ -195,7 +195,7 @@ def test_feature_details_from_stats():
     assert first["tokens"] == [tok.decode([i]) for i in ctx[0].token_ids[4:27]] and first["index"] == 16
     assert second["tokens"] == [tok.decode([i]) for i in ctx[1].token_ids] and second["tokens"][second["index"]] == HOSTILE
     assert [c["activation"] for c in d["top_contexts"]] == pytest.approx([c.activation for c in ctx])
-    assert labels_from_details(details) == {"3/9": d["label"]}
+    assert labels_from_details(details) == {(3, 9): d["label"]}
     assert set(page_data(g, {**details, "2/1": {"label": "not on the page"}})["details"]) == {"3/9"}
 
 

@@ -77,6 +77,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: attribution needs text to explain the next token of")
     if args.model is not None and args.clt is None:
         raise ValueError("--clt is required with --model (the demo transcoder fits the default model only)")
+    if args.out and not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out}: the graph JSON's file name should end in .json")
     for option in ("save",):
         value = getattr(args, option, None)
         if value and not Path(value).resolve().parent.is_dir():
@@ -107,8 +109,8 @@ def load(args: argparse.Namespace, log) -> tuple[Any, Any, str, Any, str]:
 
 
 def write_graph_json(graph: Any, path: Path, *, slug: str, scan: str, node_threshold: float, edge_threshold: float,
-                     labels: dict[str, str]) -> dict[str, Any]:
-    """Write the pruned graph's JSON to ``path`` and return it (the one place that calls ``to_json``)."""
+                     labels: dict[tuple[int, int], str]) -> dict[str, Any]:
+    """Write the pruned ``graph``'s JSON to ``path`` and return it as a dict."""
     graph.to_json(path, slug=slug, scan=scan, node_threshold=node_threshold, edge_threshold=edge_threshold,
                   labels=labels)
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -144,7 +146,7 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
     files: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(out) if out else Path(tmp) / "graph.json"
-        graph_json = write_graph_json(graph, json_path, slug=slug or slug_of(text), scan=str(clt),
+        graph_json = write_graph_json(pruned, json_path, slug=slug or slug_of(text), scan=str(clt),
                                       node_threshold=node_threshold, edge_threshold=edge_threshold, labels=labels)
     if out:
         files["json"] = str(out)
