@@ -93,41 +93,42 @@ def page_data(graph_json: Mapping[str, Any], feature_details: Mapping[str, Any] 
                          "(AttributionGraph.to_json writes one)")
     meta_in = graph_json.get("metadata") or {}
     nodes: list[dict[str, Any]] = []
-    index: dict[str, int] = {}
+    index: dict[str, list[int]] = {}
     for i, n in enumerate(graph_json["nodes"]):
         try:
             node_id, ftype, pos = str(n["node_id"]), str(n["feature_type"]), int(n["ctx_idx"])
             layer_text = str(n["layer"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"graph_json node {i}: needs node_id, feature_type, layer and ctx_idx ({e!r})") from None
-        if node_id in index:
-            raise ValueError(f"graph_json node {i}: node_id {node_id!r} appears twice")
         kind = _kind(ftype)
+        if any(nodes[k]["kind"] == kind for k in index.get(node_id, [])):
+            raise ValueError(f"graph_json node {i}: node_id {node_id!r} appears twice")
         if pos < 0:
             raise ValueError(f"graph_json node {node_id!r}: ctx_idx {pos} is negative")
         fl = feature_of(n)
         layer = fl[0] if fl else (int(layer_text) if kind in ("feature", "error") else None)
-        index[node_id] = i
+        index.setdefault(node_id, []).append(i)
         nodes.append({
             "id": node_id, "kind": kind, "pos": pos, "layer": layer, "feature": fl[1] if fl else None,
             "label": str(n.get("clerp") or ""), "act": _num(n.get("activation")), "infl": _num(n.get("influence")),
             "prob": _num(n.get("token_prob")) if kind == "logit" else None, "target": bool(n.get("is_target_logit")),
             "token": _logit_token(n.get("clerp")) if kind == "logit" else None,
         })
-    links = []
-    for j, link in enumerate(graph_json["links"]):
-        try:
-            s, t, w = index[str(link["source"])], index[str(link["target"])], _num(link["weight"])
-        except KeyError as e:
-            raise ValueError(f"graph_json link {j}: {e} is not the node_id of any node (links name their "
-                             "source and target nodes)") from None
-        links.append([s, t, 0.0 if w is None else w])
     n_layers = 1 + max((n["layer"] for n in nodes if n["layer"] is not None), default=-1)
     logit_layers = [int(n0["layer"]) for n0 in graph_json["nodes"]
                     if _kind(str(n0["feature_type"])) == "logit" and str(n0["layer"]).lstrip("-").isdigit()]
     n_layers = max([n_layers] + [x - 1 for x in logit_layers])  # circuit-tracer puts logits at layer n_layers + 1
     for n in nodes:
         n["row"] = {"token": 0, "logit": n_layers + 1}.get(n["kind"], (n["layer"] or 0) + 1)
+    links = []
+    for j, link in enumerate(graph_json["links"]):
+        try:
+            s, t = _resolve(nodes, index[str(link["source"])], index[str(link["target"])])
+        except KeyError as e:
+            raise ValueError(f"graph_json link {j}: {e} is not the node_id of any node (links name their "
+                             "source and target nodes)") from None
+        w = _num(link["weight"])
+        links.append([s, t, 0.0 if w is None else w])
     n_pos = 1 + max((n["pos"] for n in nodes), default=-1)
     tokens = [str(t) for t in (meta_in.get("prompt_tokens") or [])]
     if len(tokens) < n_pos:
@@ -145,6 +146,17 @@ def page_data(graph_json: Mapping[str, Any], feature_details: Mapping[str, Any] 
         "links": links,
         "details": details,
     }
+
+
+def _resolve(nodes: list[dict[str, Any]], sources: list[int], targets: list[int]) -> tuple[int, int]:
+    """The (source, target) nodes a link names. circuit-tracer's ids can collide: error node (layer ``l``, position
+    ``p``) is ``0_l_p``, like feature ``l`` of layer 0 at ``p``. A link between such ids goes to the pair that can
+    carry an edge (the source in a lower row than its target, at the same or an earlier position), else the first."""
+    for s in sources:
+        for t in targets:
+            if nodes[s]["row"] < nodes[t]["row"] and nodes[s]["pos"] <= nodes[t]["pos"]:
+                return s, t
+    return sources[0], targets[0]
 
 
 def _check_details(details: Mapping[str, Any], used: set[str]) -> dict[str, Any]:

@@ -143,6 +143,31 @@ def test_bad_graph_json_names_what_is_wrong():
         page_data(make_graph_json(), {"3/42": {"label": "x", "top_contexts": [{"tokens": ["a"], "index": 4}]}})
 
 
+def test_colliding_circuit_tracer_ids(tmp_path):
+    """circuit-tracer spells error (layer 1, position 5) "0_1_5", like feature 1 of layer 0 at position 5: both
+    nodes are kept, and a link naming that id goes to the node that can be its source (a lower layer)."""
+    g = make_graph_json()
+    g["nodes"].insert(0, feature_node(0, 5, 1, 0.05, 1.25))  # "0_1_5", as the error node (1, 5) already is
+    g["links"].append({"source": "0_1_5", "target": "1_7_4", "weight": 9.0})  # position 5 -> 4: impossible, first
+    g["links"].append({"source": "E_105_5", "target": "0_1_5", "weight": 0.5})  # both fit: the first (feature)
+    g["links"].append({"source": "0_1_5", "target": "3_43_5", "weight": -0.5})
+    data = page_data(g)
+    ids = [(n["id"], n["kind"]) for n in data["nodes"]]
+    assert ids.count(("0_1_5", "feature")) == 1 and ids.count(("0_1_5", "error")) == 1
+    feat, err = ids.index(("0_1_5", "feature")), ids.index(("0_1_5", "error"))
+    # the original link "0_1_5" -> "3_43_5" (weight 0.2) and the new ones
+    resolved = {(s, t, w) for s, t, w in data["links"]}
+    where = {n["id"]: i for i, n in reversed(list(enumerate(data["nodes"])))}
+    assert (feat, where["3_43_5"], 0.2) in resolved and (feat, where["1_7_4"], 9.0) in resolved
+    assert (where["E_105_5"], feat, 0.5) in resolved
+    g["links"].append({"source": "1_13_3", "target": "0_1_5", "weight": 1.0})  # only the error (layer 1) is above
+    assert (where["1_13_3"], feat, 1.0) in {tuple(x) for x in page_data(g)["links"]}  # row 2 -> row 1: no pair fits
+    g["links"][-1] = {"source": "0_11_1", "target": "0_1_5", "weight": 1.0}  # layer 0 -> the error (layer 1) fits
+    assert (where["0_11_1"], err, 1.0) in {tuple(x) for x in page_data(g)["links"]}
+    text = graph_html(g, tmp_path / "g.html").read_text(encoding="utf-8")
+    assert embedded(text)["nodes"][err]["kind"] == "error"
+
+
 def test_hostile_text_is_escaped_and_title_cannot_inject(tmp_path):
     g = make_graph_json()
     details = {"3/42": {"label": HOSTILE, "top_contexts": [HOSTILE, {"tokens": ["a", HOSTILE], "index": 1, "activation": 2}]}}
@@ -271,9 +296,14 @@ def test_browser_draws_every_node_and_edge(tmp_path):
     assert ys == sorted(ys, reverse=True)  # embeddings at the bottom, logits on top
     cols = {}
     for n in g["nodes"]:
-        cols.setdefault(n["ctx_idx"], []).append(xy[n["node_id"]][0])
+        if n["feature_type"] != "logit":
+            cols.setdefault(n["ctx_idx"], []).append(xy[n["node_id"]][0])
     spans = [(min(v), max(v)) for _, v in sorted(cols.items())]
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # columns left to right, not overlapping
+    # the logits (all at the last position) in a line, most likely first, the last one above the last column
+    logits = sorted((n for n in g["nodes"] if n["feature_type"] == "logit"), key=lambda n: -n["token_prob"])
+    xs = [xy[n["node_id"]][0] for n in logits]
+    assert xs == sorted(xs) and xs[-1] >= spans[-1][0] and xs[0] > 0
     # the start panel lists the explained logits, most likely first
     assert p.lists["logits"] == [n["node_id"] for n in g["nodes"] if n["feature_type"] == "logit"]
 
