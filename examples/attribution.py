@@ -53,7 +53,7 @@ def main(prompt: str = "def square(x):\n    return x *", html: str = "attributio
                   labels=labels_from_details(details or {}))
     graph_json = json.loads(json_path.read_text(encoding="utf-8"))
     top = top_features(graph_json, 8)
-    print("most influential features:")
+    print("most influential features:" if top else "no feature kept by pruning (tokens and errors carry the logits)")
     for f in top:
         print(f"  L{f['layer']}/{f['feature']:<6} at #{f['position']} {f['token']!r:<12} act {f['activation']:.3g}  "
               f"{f['label']}")
