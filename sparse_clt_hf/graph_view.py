@@ -35,11 +35,11 @@ from .view import (
     StatsLike,
     embed_json,
     feature_label,
-    fill_template,
 )
 
 DATA_ID = "graph-data"
 TEMPLATE_FILE = "graph_view_template.html"
+MARKERS = re.compile("__TITLE__|__DATA_ID__|__DATA__")
 LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
 
 #: circuit-tracer's ``feature_type`` -> the page's node kind (anything not listed, e.g. "cross layer
@@ -255,10 +255,11 @@ def labels_from_details(details: Mapping[str, Any]) -> dict[tuple[int, int], str
 
 
 def render_html(data: dict[str, Any]) -> str:
-    """The page for :func:`page_data`'s output (markers filled in one pass: no value is read as a marker)."""
+    """The page for :func:`page_data`'s output. The markers are filled in one pass, so a title or token that
+    spells a marker stays text."""
     template = (resources.files(__package__) / TEMPLATE_FILE).read_text(encoding="utf-8")
-    return fill_template(template, {"__TITLE__": html.escape(data["title"]), "__DATA_ID__": DATA_ID,
-                                    "__DATA__": embed_json(data)})
+    fill = {"__TITLE__": html.escape(data["title"]), "__DATA_ID__": DATA_ID, "__DATA__": embed_json(data)}
+    return MARKERS.sub(lambda m: fill[m.group(0)], template)
 
 
 def graph_html(graph_json: Mapping[str, Any], path: str | Path, *, feature_details: Mapping[str, Any] | None = None,

@@ -370,15 +370,3 @@ def test_browser_screenshot_not_blank(tmp_path):
     assert struct.unpack(">II", data[16:24]) == (1280, 800)
     assert png_pixels_vary(data)
 
-
-def test_token_view_title_cannot_inject_either(tmp_path):
-    """The per-token page fills its template in one pass too (fill_template, shared)."""
-    from test_view import make_features
-
-    from sparse_clt_hf.view import DATA_ID as VIEW_DATA_ID
-
-    feats, seq = make_features()
-    for title in ("__DATA__", "__DATA_ID__"):
-        text = feats.to_html(tmp_path / "v.html", FakeTokenizer(), sequences=seq, title=title).read_text(encoding="utf-8")
-        assert text.count(f'id="{VIEW_DATA_ID}"') == 1
-        assert re.search(r"<title>(.*?)</title>", text, re.S).group(1) == title
