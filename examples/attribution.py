@@ -46,7 +46,7 @@ def main(prompt: str = "def square(x):\n    return x *", html: str = "attributio
 
     # Pruning keeps the nodes and edges that carry most of the influence on the logits (80% / 98%).
     pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
-    kept = graph.features[pruned.node_mask[: graph.features.shape[0]].cpu()][:, [0, 2]].tolist()
+    kept = graph.features.cpu()[pruned.node_mask[: graph.features.shape[0]].cpu()][:, [0, 2]].tolist()
     details = feature_details_from_stats(kept, stats, tokenizer) if stats is not None else None
     json_path = Path(html).with_suffix(".json")
     pruned.to_json(json_path, slug="example", scan=str(transcoder), node_threshold=0.8, edge_threshold=0.98,

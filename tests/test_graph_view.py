@@ -10,6 +10,7 @@ import json
 import re
 import struct
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from test_view import HOSTILE, FakeStats, FakeTokenizer, png_pixels_vary, run_chromium
@@ -20,6 +21,7 @@ from sparse_clt_hf.graph_view import (
     graph_html,
     labels_from_details,
     page_data,
+    top_features,
 )
 from sparse_clt_hf.view import feature_label
 
@@ -222,6 +224,25 @@ def test_feature_details_from_stats():
     assert [c["activation"] for c in d["top_contexts"]] == pytest.approx([c.activation for c in ctx])
     assert labels_from_details(details) == {(3, 9): d["label"]}
     assert set(page_data(g, {**details, "2/1": {"label": "not on the page"}})["details"]) == {"3/9"}
+
+
+def test_top_features_by_cumulative_influence():
+    g = make_graph_json()
+    feats = [n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    expected = sorted(feats, key=lambda n: n["influence"])[:4]  # smaller cumulative influence ranks higher
+    top = top_features(g, 4)
+    assert [f"{f['layer']}_{f['feature']}_{f['position']}" for f in top] == [n["node_id"] for n in expected]
+    into_paris = {x["source"]: x["weight"] for x in g["links"] if x["target"] == "5_801_5"}  # the target logit
+    for f, n in zip(top, expected):
+        assert f["to_logit"] == into_paris.get(n["node_id"]) and f["token"] == TOKENS[n["ctx_idx"]]
+        assert (f["activation"], f["label"]) == (n["activation"], n["clerp"])
+
+
+def test_template_ships_with_the_package():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sparse_clt_hf"]
+    assert "graph_view_template.html" in data and (root / "sparse_clt_hf" / "graph_view_template.html").is_file()
 
 
 # ---------------------------------------------------------------------------- in a browser

@@ -139,7 +139,7 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
     seconds = time.perf_counter() - start
     pruned = graph.prune(node_threshold, edge_threshold)
     n = int(graph.features.shape[0])
-    kept = graph.features[pruned.node_mask[:n].cpu()][:, [0, 2]].tolist()
+    kept = graph.features.cpu()[pruned.node_mask[:n].cpu()][:, [0, 2]].tolist()  # (layer, feature) kept
     details = feature_details_from_stats(kept, stats, tokenizer) if stats is not None else None
     labels = labels_from_details(details or {})
     text = prompt if isinstance(prompt, str) else "".join(graph.token_strings or [])
