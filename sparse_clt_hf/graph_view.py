@@ -208,7 +208,8 @@ def feature_details_from_stats(graph: Mapping[str, Any] | Iterable[tuple[int, in
             contexts.append({"tokens": [tokenizer.decode([i]) for i in ids[lo:hi]], "index": int(c.index) - lo,
                              "activation": float(c.activation)})
         out[f"{layer}/{feature}"] = {
-            "label": feature_label(stats, tokenizer, layer, feature),
+            # a feature that never fired in the statistics' corpus has no top tokens, so no label
+            "label": feature_label(stats, tokenizer, layer, feature) if stats.top_tokens(layer, feature, 1) else "",
             "top_contexts": contexts,
             "frequency": float(stats.frequency(layer)[feature]),
             "mean": float(stats.mean(layer)[feature]),

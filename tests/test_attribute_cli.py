@@ -231,10 +231,16 @@ def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
     tc = random_transcoder(d=32, layers=range(N_LAYERS), site="mlp_in", decoders=True)
     tc.config.model_name = None
     tc.save_pretrained(tmp_path / "clt")
+    from sparse_clt_hf.labels import corpus_stats, save_stats
+
+    stats = corpus_stats(model, char_tokenizer(), tc, ["hello world, the cat sat on the mat. " * 8] * 4, tokens=600,
+                         seq_len=32, batch_size=8, progress=False)
+    save_stats(stats, tmp_path / "stats")
     out, page = tmp_path / "g.json", tmp_path / "g.html"
     rc = cli.main(["attribute", "--json", "--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"),
                    "--prompt", "hello world", "--device", "cpu", "--dtype", "float32", "--out", str(out),
-                   "--html", str(page), "--save", str(tmp_path / "g.safetensors")])
+                   "--html", str(page), "--save", str(tmp_path / "g.safetensors"), "--stats", str(tmp_path / "stats"),
+                   "--no-progress"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     graph_json = json.loads(out.read_text())
@@ -243,6 +249,13 @@ def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
     assert report["pruned"]["nodes"] == len(graph_json["nodes"]) and report["pruned"]["links"] == len(graph_json["links"])
     data = embedded(page.read_text(encoding="utf-8"))
     assert [n["id"] for n in data["nodes"]] == [n["node_id"] for n in graph_json["nodes"]]
+    # labels from the statistics: in the JSON's clerp and in the page's details, for every kept feature
+    feature_nodes = [n for n in graph_json["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feature_nodes and report["labels"]
+    for n in feature_nodes:
+        layer, f, _ = map(int, n["node_id"].split("_"))
+        label = feature_label(stats, char_tokenizer(), layer, f) if stats.top_tokens(layer, f, 1) else ""
+        assert n["clerp"] == label and data["details"][f"{layer}/{f}"]["label"] == label
     graph = sparse_clt_hf.attribute(model, str(tmp_path / "clt"), "hello world", tokenizer=char_tokenizer())
     assert [t["id"] for t in report["targets"]] == graph.logit_ids.tolist()
     assert report["scores"]["replacement"] == pytest.approx(graph.scores()[0], abs=1e-4)

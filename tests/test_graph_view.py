@@ -226,6 +226,19 @@ def test_feature_details_from_stats():
     assert set(page_data(g, {**details, "2/1": {"label": "not on the page"}})["details"]) == {"3/9"}
 
 
+def test_feature_that_never_fired_has_no_label():
+    class Silent(FakeStats):
+        def top_contexts(self, layer, feature):
+            return [] if feature == 9 else super().top_contexts(layer, feature)
+
+        def top_tokens(self, layer, feature, n=3):
+            return [] if feature == 9 else super().top_tokens(layer, feature, n)
+
+    details = feature_details_from_stats([(3, 9), (3, 8)], Silent(), FakeTokenizer())
+    assert details["3/9"]["label"] == "" and details["3/9"]["top_contexts"] == [] and details["3/8"]["label"]
+    assert labels_from_details(details) == {(3, 8): details["3/8"]["label"]}
+
+
 def test_top_features_by_cumulative_influence():
     g = make_graph_json()
     feats = [n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"]
