@@ -371,7 +371,14 @@ def test_browser_unknown_node_in_address_selects_nothing(tmp_path):
 DRIVER = """<script>
 (function () {
   const rec = (name, value) => { document.body.dataset[name] = value; };
+  const hovered = document.querySelector('g.node[data-id="2_99_4"]');
+  hovered.dispatchEvent(new MouseEvent("mouseenter"));
+  rec("hoverLit", document.querySelectorAll("path.edge.hl").length + "|" + location.hash);
+  hovered.dispatchEvent(new MouseEvent("mouseleave"));
+  rec("leaveLit", document.querySelectorAll("path.edge.hl").length);
   document.querySelector('g.node[data-id="2_99_4"]').dispatchEvent(new MouseEvent("click", { bubbles: true }));
+  document.querySelector('g.node[data-id="E_101_1"]').dispatchEvent(new MouseEvent("mouseenter"));
+  rec("hoverWhileSelected", document.querySelector("g.node.selected").dataset.id);
   rec("afterClick", location.hash);
   rec("firstInput", document.querySelector("#inputs li").dataset.id);
   document.querySelector('#outputs li[data-id="3_42_5"]').click();
@@ -390,7 +397,9 @@ def test_browser_click_follow_and_escape(tmp_path):
     out = run_chromium("--dump-dom", path.resolve().as_uri())
     attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body[^>]*>", out).group(0)))
     assert attrs["ready"] == "1"
-    assert attrs["after-click"] == "#node=2_99_4"
+    # hovering previews a node's edges (2 inputs, 2 outputs) without selecting it; a selection stays put
+    assert attrs["hover-lit"] == "4|" and attrs["leave-lit"] == "0"
+    assert attrs["after-click"] == "#node=2_99_4" and attrs["hover-while-selected"] == "2_99_4"
     assert attrs["first-input"] == "1_13_3"  # weight 1.2 beats the embedding's 0.9
     assert attrs["after-follow"] == "#node=3_42_5|3_42_5"
     assert attrs["after-escape"] == "|0"
