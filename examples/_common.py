@@ -13,6 +13,8 @@ class CharTokenizer:
 
     eos_token_id = 1
     pad_token_id = 0
+    bos_token_id = 2
+    all_special_ids = [0, 1, 2]
     chat_template = None
 
     def __call__(self, text, add_special_tokens=False, verbose=False, return_tensors=None):

@@ -93,9 +93,13 @@ def docs_env(stand_ins, tmp_path, monkeypatch):
         return tok
 
     real_attach, real_load = sparse_clt_hf.attach_clt, CrossLayerTranscoder.from_pretrained.__func__
+    real_attribute = sparse_clt_hf.attribute
 
     def attach(model, transcoder, *args, **kwargs):
         return real_attach(model, clt_dir if isinstance(transcoder, str) else transcoder, *args, **kwargs)
+
+    def attribute(model, transcoder, *args, **kwargs):
+        return real_attribute(model, clt_dir if isinstance(transcoder, str) else transcoder, *args, **kwargs)
 
     def from_pretrained(cls, ref, *args, **kwargs):
         return real_load(cls, clt_dir if isinstance(ref, str) else ref, *args, **kwargs)
@@ -103,6 +107,7 @@ def docs_env(stand_ins, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load_tokenizer)
     monkeypatch.setattr(sparse_clt_hf, "attach_clt", attach)
+    monkeypatch.setattr(sparse_clt_hf, "attribute", attribute)
     monkeypatch.setattr(CrossLayerTranscoder, "from_pretrained", classmethod(from_pretrained))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MKL_CBWR", os.environ.get("MKL_CBWR", "AUTO,STRICT"))  # `extract` sets it: undone after

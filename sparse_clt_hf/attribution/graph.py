@@ -116,17 +116,20 @@ class AttributionGraph:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file: {exc}") from None
+        from ..io.structured import load_json_object
+
         try:
-            info = json.loads(header["graph"])
+            info = load_json_object(header["graph"], f"{path} metadata", error=ValueError)
             if info.get("format") != "sparse_clt_hf.attribution_graph":
                 raise KeyError("format")
             fields = {name: tensors[name] for name in _TENSORS}
-        except (KeyError, json.JSONDecodeError) as exc:
+            n_layers = int(info["n_layers"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path} is not an attribution graph written by AttributionGraph.save ({exc})") from None
         optional = {name: tensors.get(name) for name in _OPTIONAL_TENSORS}
         graph = cls(
             **fields,
-            n_layers=int(info["n_layers"]),
+            n_layers=n_layers,
             token_strings=info.get("token_strings"),
             logit_strings=info.get("logit_strings"),
             meta=info.get("meta") or {},

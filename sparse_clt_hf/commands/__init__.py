@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("sparse_clt_hf.commands.stats", "per-feature statistics and max-activating contexts of an extraction"),
     "view": ("sparse_clt_hf.commands.view",
              "write the HTML page of saved features (a features file or an extraction folder)"),
+    "attribute": ("sparse_clt_hf.commands.attribute",
+                  "why the model predicts its next token: an attribution graph (JSON, HTML page, summary)"),
     "explain": ("sparse_clt_hf.commands.explain",
                 "what a feature responds to: its top tokens, frequency, max and max-activating contexts"),
     "dashboard": ("sparse_clt_hf.commands.dashboard",

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dashboard", default=None, metavar="SITE",
                         help="instead of generating, build the demo transcoder's feature dashboards into SITE "
                              "(same as `sparse-clt-hf dashboard --out SITE`)")
+    parser.add_argument("--attribute", nargs="?", const=".", default=None, metavar="DIR",
+                        help="then explain the first generated token with an attribution graph: write DIR/graph.json "
+                             "and DIR/graph.html (DIR: the current folder when left out; see `sparse-clt-hf attribute`)")
     add_model_options(parser)
 
 
@@ -47,6 +50,10 @@ def demo_transcoder(args: argparse.Namespace, model: Any, tokenizer: Any) -> tup
     return clt, note, stats, describe(str(clt)), extra
 
 
+#: the attribution after the demo: the most influential features only, so that it takes seconds on a CPU
+DEMO_ATTRIBUTION: dict[str, Any] = dict(max_feature_nodes=256)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..labels import find_stats
 
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary) if args.json else f"site: {summary['site']}")
         return 0
     desc = demo.preflight(args, args.clt)  # a bad --clt/--stats/--html fails before the model loads
+    if args.attribute is not None and not Path(args.attribute).is_dir():
+        raise FileNotFoundError(f"--attribute {args.attribute}: no such folder (graph.json and graph.html go there)")
     model, tokenizer, _ = load_model(args, None)
     extra: dict[str, Any] = {}
     clt, note, stats = args.clt, "", None
@@ -72,4 +81,27 @@ def run(args: argparse.Namespace) -> int:
     )
     demo.print_report(args, tokenizer, seq, prompt_len, feats, gen_s, time.perf_counter() - start, extra,
                       desc=desc, stats=stats, transcoder_note=note)
+    if args.attribute is not None:
+        attribute_first_token(args, model, tokenizer, str(clt), seq, prompt_len, stats)
     return 0
+
+
+def attribute_first_token(args: argparse.Namespace, model: Any, tokenizer: Any, clt: str, seq: Any, prompt_len: int,
+                          stats: Any) -> dict[str, Any]:
+    """Why the model generated its first token: the attribution graph of the prompt (as generate saw it, chat
+    template included) with that token as the target, written to ``--attribute``'s folder."""
+    from .attribute import attribute_and_report, format_report
+
+    out = sys.stderr if args.json else sys.stdout
+    if seq.shape[0] <= prompt_len:
+        raise ValueError("--attribute: nothing was generated, so there is no token to explain")
+    token = tokenizer.decode([int(seq[prompt_len])])
+    folder = Path(args.attribute)
+    print(f"\nAttribution: why the first generated token {token!r}?", file=out)
+    report = attribute_and_report(
+        model, tokenizer, clt, seq[:prompt_len], stats=stats, targets=[int(seq[prompt_len])],
+        out=str(folder / "graph.json"), html=str(folder / "graph.html"), title=f"Why {token!r}? {args.prompt}",
+        progress=not (args.no_progress or args.json), **DEMO_ATTRIBUTION,
+    )
+    print(format_report(report), file=out)
+    return report
