@@ -5,11 +5,12 @@ graphs round-trip through save/load; generated tokens and attachments; offloaded
 from __future__ import annotations
 
 import pytest
+import safetensors
 import torch
 from conftest import random_transcoder
 from tiny_models import tiny_model
 
-from sparse_clt_hf import AttributionGraph, TranscoderFormatError, attach_clt, attribute
+from sparse_clt_hf import AttributionGraph, CrossLayerTranscoder, TranscoderFormatError, attach_clt, attribute
 from sparse_clt_hf.attribution import AttributionMemoryError, attribute_generated, engine
 
 PROMPT = torch.tensor([2, 17, 5, 99, 43, 8, 61, 23])
@@ -238,7 +239,7 @@ def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monk
         return real_rows(source, layer, features, **kw)
 
     monkeypatch.setattr(active, "load_decoder_rows", rows)
-    monkeypatch.setattr(active, "load_transcoder", lambda *a, **k: pytest.fail("loaded every decoder"))
+    monkeypatch.setattr(CrossLayerTranscoder, "from_pretrained", lambda *a, **k: pytest.fail("loaded every decoder"))
     graph = attribute(tiny_model("llama"), str(folder), PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
@@ -252,13 +253,64 @@ def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monk
     assert counter.n == 0
 
 
-def test_a_plt_folder_gives_the_in_memory_graph(tmp_path):
+class RefusingWholeDecoders:
+    """A safetensors handle that refuses to read a decoder tensor whole and records the rows sliced from it."""
+
+    sliced: list[tuple[str, int]] = []
+    real_open = safetensors.safe_open
+
+    def __init__(self, path, framework="pt"):
+        self.path, self.inner = str(path), RefusingWholeDecoders.real_open(path, framework=framework)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self):
+        return self.inner.keys()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def get_tensor(self, name):
+        if name.startswith("W_dec"):
+            pytest.fail(f"read the whole decoder {name} of {self.path}")
+        return self.inner.get_tensor(name)
+
+    def get_slice(self, name):
+        inner, sliced, path = self.inner.get_slice(name), self.sliced, self.path
+
+        class Rows:
+            def get_shape(self):
+                return inner.get_shape()
+
+            def __getitem__(self, rows):
+                sliced.append((path, rows.stop - rows.start))
+                return inner[rows]
+
+        return Rows()
+
+
+def test_a_plt_folder_reads_only_the_active_rows_and_gives_the_in_memory_graph(tmp_path, monkeypatch):
+    from sparse_clt_hf.formats import common
+
     tc = random_transcoder(decoders=True, span=1, activation="jumprelu", seed=5)
+    g = torch.Generator().manual_seed(1)
+    for layer in tc.layers:  # a skip path too: read with the layer's small tensors
+        tc.encoder(layer).set_decoder(None, None, torch.randn(32, 32, generator=g) * 0.05)
     folder = tc.save_pretrained(tmp_path / "plt")
-    graph = attribute(tiny_model("gemma2"), str(folder), PROMPT)
     in_memory = attribute(tiny_model("gemma2"), tc, PROMPT)
+    monkeypatch.setattr(safetensors, "safe_open", RefusingWholeDecoders)
+    monkeypatch.setattr(common, "safe_open", RefusingWholeDecoders)
+    monkeypatch.setattr(RefusingWholeDecoders, "sliced", [])
+    graph = attribute(tiny_model("gemma2"), str(folder), PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+    for layer in tc.layers:  # each active feature's row once, nothing else
+        rows = sum(n for path, n in RefusingWholeDecoders.sliced if path.endswith(f"layer_{layer}.safetensors"))
+        assert rows == len(set(graph.features[graph.features[:, 0] == layer, 2].tolist())) > 0
 
 
 def test_automatic_batch_size_shrinks_to_fit_the_memory_limit():
