@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="write the pruned graph JSON (circuit-tracer / Neuronpedia format) here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained page of the pruned graph")
+    parser.add_argument("--dashboard", default=None, metavar="SITE",
+                        help="with --html: link each feature to its page of this sparse-clt-hf dashboard site "
+                             "(a folder, relative to the page, or a URL)")
     parser.add_argument("--save", default=None, metavar="PATH", help="save the whole graph (.safetensors, no pickle)")
     parser.add_argument("--slug", default=None, help="the graph's name in its JSON (default: from the prompt)")
     parser.add_argument("--stats", default=None, metavar="PATH",
@@ -75,6 +78,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: attribution needs text to explain the next token of")
     if args.model is not None and args.clt is None:
         raise ValueError("--clt is required with --model (the demo transcoder fits the default model only)")
+    if args.dashboard is not None:
+        from ..graph_view import dashboard_site
+
+        if not args.html:
+            raise ValueError(f"--dashboard {args.dashboard}: the links go into the page; add --html PATH")
+        dashboard_site(args.dashboard)  # a javascript: or data: URL is refused
     if args.out and not args.out.endswith(".json"):
         raise ValueError(f"--out {args.out}: the graph JSON's file name should end in .json")
     for option in ("save",):
@@ -120,10 +129,11 @@ def slug_of(prompt: str) -> str:
 def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, stats: Any = None,
                          targets: list[Any] | None = None, out: str | None = None, html: str | None = None,
                          save: str | None = None, slug: str | None = None, title: str | None = None,
+                         dashboard: str | None = None,
                          node_threshold: float = 0.8, edge_threshold: float = 0.98, show: int = 10,
                          progress: bool = True, **attribute_kwargs: Any) -> dict[str, Any]:
     """Attribute ``prompt`` (text, or token ids used as given), prune, write the files asked for, and return the
-    report :func:`format_report` prints (JSON-ready)."""
+    report :func:`format_report` prints (JSON-ready). ``dashboard``: a dashboard site the page links features to."""
     import sparse_clt_hf
 
     from ..graph_view import feature_details_from_stats, graph_html, labels_from_details, top_features
@@ -146,7 +156,8 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
     if out:
         files["json"] = str(out)
     if html:
-        graph_html(graph_json, html, feature_details=details, title=title or f"Why the next token? {text}")
+        graph_html(graph_json, html, feature_details=details, title=title or f"Why the next token? {text}",
+                   dashboard=dashboard)
         files["html"] = str(html)
     if save:
         graph.save(save)
@@ -220,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = demo.chat_input(tokenizer, args.prompt, True)["input_ids"][0]
     report = attribute_and_report(
         model, tokenizer, clt, prompt, stats=stats, targets=args.target, out=args.out, html=args.html,
-        save=args.save, slug=args.slug, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+        save=args.save, slug=args.slug, dashboard=args.dashboard, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         show=args.show, progress=not (args.no_progress or args.json), max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
