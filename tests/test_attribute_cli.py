@@ -127,7 +127,8 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     out, page, saved = tmp_path / "g.json", tmp_path / "g.html", tmp_path / "g.safetensors"
     rc = cli.main(["attribute", "--model", str(model_dir), "--clt", str(clt_dir), "--prompt", "hi </b>", "--target", "x",
                    "--max-feature-nodes", "7", "--batch-size", "3", "--node-threshold", "0.7", "--edge-threshold", "0.9",
-                   "--device", "cpu", "--out", str(out), "--html", str(page), "--save", str(saved), "--no-progress"])
+                   "--device", "cpu", "--out", str(out), "--html", str(page), "--save", str(saved), "--no-progress",
+                   "--dashboard", "../site/"])
     assert rc == 0
     text = capsys.readouterr().out
     # what reached the engine: the raw text, its tokenizer, the target string and the limits
@@ -146,6 +147,7 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     data = embedded(page.read_text(encoding="utf-8"))
     assert [n["id"] for n in data["nodes"]] == [n["node_id"] for n in graph_json["nodes"]]
     assert set(data["details"]) == {"0/3", "1/5"} and data["title"] == "Why the next token? hi </b>"
+    assert data["dashboard"] == "../site"  # feature pages: ../site/feature.html#L{layer}/{feature}
     assert saved.read_bytes() == b"graph"
     # the summary: target and probability, scores, features by influence (smallest cumulative first), files
     assert "explained: 'x' p=0.625" in text
@@ -180,6 +182,8 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     (["--out", "/nonexistent/dir/g.json"], "does not exist"),
     (["--out", "graph.txt"], "should end in .json"),
     (["--save", "/nonexistent/dir/g.safetensors"], "does not exist"),
+    (["--dashboard", "site"], "--dashboard site: the links go into the page; add --html"),
+    (["--html", "g.html", "--dashboard", "javascript:alert(1)"], "not a javascript: URL"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(tiny_dirs, monkeypatch, fake_engine, capsys, extra, message):  # noqa: F811
     model_dir, clt_dir = tiny_dirs
