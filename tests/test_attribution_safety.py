@@ -338,3 +338,38 @@ def test_an_attachment_loaded_from_a_folder_attributes_its_layers(tmp_path):
     direct = attribute(model, tc.select_layers([0, 1]), PROMPT)
     assert torch.equal(graph.features, direct.features)
     torch.testing.assert_close(graph.adjacency, direct.adjacency)
+
+
+@pytest.mark.filterwarnings("ignore:transcoder was trained on")
+def test_a_saelens_folder_reads_one_layers_decoder_at_a_time_and_gives_the_in_memory_graph(tmp_path, monkeypatch):
+    """Formats without row slices load one layer with its decoder at a time (never all decoders at once)."""
+    from format_fixtures import write_saelens
+
+    from sparse_clt_hf.attribution import active
+    from sparse_clt_hf.formats import saelens
+    from sparse_clt_hf.loading import load_transcoder
+
+    for layer in (0, 1, 2):
+        write_saelens(tmp_path, layer, 32, 48, architecture="jumprelu_skip_transcoder", folder=f"L{layer}",
+                      hook="blocks.{layer}.ln2.hook_normalized", hook_out="blocks.{layer}.hook_mlp_out")
+    in_memory = attribute(tiny_model("llama"), load_transcoder(str(tmp_path), decoders=True), PROMPT)
+    loads, rows = [], []
+    real_load, real_rows = saelens.load, active.load_decoder_rows
+
+    def load(source, layers, decoders, **kw):
+        loads.append((None if layers is None else list(layers), decoders))
+        return real_load(source, layers, decoders, **kw)
+
+    def read_rows(source, layer, features, **kw):
+        rows.append((layer, list(features)))
+        return real_rows(source, layer, features, **kw)
+
+    monkeypatch.setattr(saelens, "load", load)
+    monkeypatch.setattr(active, "load_decoder_rows", read_rows)
+    graph = attribute(tiny_model("llama"), str(tmp_path), PROMPT)
+    assert torch.equal(graph.features, in_memory.features) and in_memory.meta["n_active_features"] > 0
+    torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+    assert all(len(layers) == 1 for layers, decoders in loads if decoders), loads
+    assert [layers for layers, decoders in loads if not decoders] == [None]  # every encoder, once, no decoder
+    for layer, feats in rows:
+        assert feats == sorted(set(graph.features[graph.features[:, 0] == layer, 2].tolist()))
