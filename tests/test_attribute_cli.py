@@ -100,7 +100,7 @@ def fake_engine(monkeypatch):
             logit_ids=torch.tensor(logit_ids), logit_probs=torch.tensor([0.625, 0.25][: len(logit_ids)]),
             adjacency=torch.zeros(len(logit_ids) + 2, n_nodes), row_nodes=torch.arange(len(logit_ids) + 2),
             n_layers=N_LAYERS, token_strings=[tokenizer.decode([i]) for i in ids],
-            logit_strings=[tokenizer.decode([i]) for i in logit_ids])
+            logit_strings=[tokenizer.decode([i]) for i in logit_ids], meta={"n_active_features": 9})
         graph.calls = calls
         return graph
 
@@ -172,6 +172,7 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     assert [(f["layer"], f["feature"]) for f in report["top_features"]] == [(2, 7), (1, 5)]
     assert report["scores"] == {"replacement": 0.75, "completeness": 0.9} and report["files"] == {}
     assert report["labels"] is False and report["tokens"] == len(expected)
+    assert (report["active_features"], report["attributed_features"]) == (9, 2)  # all active, and the rows
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -288,3 +289,4 @@ def test_attribution_example(monkeypatch, fake_engine, tmp_path, capsys):
     assert [(f["layer"], f["feature"]) for f in result["top"]] == [(2, 7), (1, 5), (0, 3)]
     out = capsys.readouterr().out
     assert "most influential features:" in out and "L2/7" in out and "replacement score 0.750" in out
+    assert "9 active features (4 attributed)" in out

@@ -172,7 +172,7 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
         "tokens": int(graph.tokens.shape[0]),
         "targets": [{"token": s, "id": int(i), "probability": round(float(p), 4)}
                     for s, i, p in zip(strings, graph.logit_ids.tolist(), graph.logit_probs.tolist())],
-        "active_features": n,
+        "active_features": int(graph.meta.get("n_active_features", n)),  # also those left out by max_feature_nodes
         "attributed_features": int(graph.row_nodes.shape[0]) - int(graph.logit_ids.shape[0]),
         "pruned": {"nodes": len(graph_json["nodes"]), "links": len(graph_json["links"]), "by_type": kinds,
                    "node_threshold": node_threshold, "edge_threshold": edge_threshold},
