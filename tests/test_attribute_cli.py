@@ -193,6 +193,19 @@ def test_bad_arguments_fail_before_the_model_loads(tiny_dirs, monkeypatch, fake_
     assert rc == 1 and message in json.loads(capsys.readouterr().out)["error"]
 
 
+def test_a_dashboard_folder_given_from_here_is_linked_relative_to_the_page(tmp_path, monkeypatch):
+    from sparse_clt_hf.commands.attribute import dashboard_for_page
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "out" / "pages").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert dashboard_for_page("site", "out/pages/g.html") == "../../site"
+    assert dashboard_for_page("site/", "g.html") == "site"
+    assert dashboard_for_page("../site", "out/pages/g.html") == "../site"  # not a folder here: relative to the page
+    assert dashboard_for_page("https://x.org/site", "g.html") == "https://x.org/site"
+    assert dashboard_for_page(str(tmp_path / "site"), "g.html") == str(tmp_path / "site")
+
+
 def test_model_without_transcoder_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli.main(["attribute", "--json", "--model", "some/model"]) == 1

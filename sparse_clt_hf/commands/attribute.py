@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained page of the pruned graph")
     parser.add_argument("--dashboard", default=None, metavar="SITE",
                         help="with --html: link each feature to its page of this sparse-clt-hf dashboard site "
-                             "(a folder, relative to the page, or a URL)")
+                             "(a folder, rewritten relative to the page, or a URL)")
     parser.add_argument("--save", default=None, metavar="PATH", help="save the whole graph (.safetensors, no pickle)")
     parser.add_argument("--slug", default=None, help="the graph's name in its JSON (default: from the prompt)")
     parser.add_argument("--stats", default=None, metavar="PATH",
@@ -61,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=10, help="features listed in the summary (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(parser)
+
+
+def dashboard_for_page(site: str | None, page: str | None) -> str | None:
+    """``--dashboard`` as the page links to it: a folder that exists relative to the current directory (what a
+    shell user types) becomes relative to the page's folder; a URL, an absolute path, or a path that does not
+    exist here (taken as relative to the page) stays as given."""
+    if site is None or page is None or "://" in site or Path(site).is_absolute() or not Path(site).is_dir():
+        return site
+    return Path(os.path.relpath(Path(site).resolve(), Path(page).resolve().parent)).as_posix()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -231,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = demo.chat_input(tokenizer, args.prompt, True)["input_ids"][0]
     report = attribute_and_report(
         model, tokenizer, clt, prompt, stats=stats, targets=args.target, out=args.out, html=args.html,
-        save=args.save, slug=args.slug, dashboard=args.dashboard, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+        save=args.save, slug=args.slug, dashboard=dashboard_for_page(args.dashboard, args.html), node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         show=args.show, progress=not (args.no_progress or args.json), max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
