@@ -10,7 +10,7 @@ import torch
 from conftest import random_transcoder
 from tiny_models import tiny_model
 
-from sparse_clt_hf import AttributionGraph, CrossLayerTranscoder, TranscoderFormatError, attach_clt, attribute
+from sparse_clt_hf import AttributionGraph, TranscoderFormatError, attach_clt, attribute
 from sparse_clt_hf.attribution import AttributionMemoryError, attribute_generated, engine
 
 PROMPT = torch.tensor([2, 17, 5, 99, 43, 8, 61, 23])
@@ -239,7 +239,15 @@ def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monk
         return real_rows(source, layer, features, **kw)
 
     monkeypatch.setattr(active, "load_decoder_rows", rows)
-    monkeypatch.setattr(CrossLayerTranscoder, "from_pretrained", lambda *a, **k: pytest.fail("loaded every decoder"))
+    from sparse_clt_hf import loading
+
+    real_read = loading.read_encoders
+
+    def read_encoders(*a, decoders=False, **k):
+        assert not decoders, "loaded every decoder"
+        return real_read(*a, **k)
+
+    monkeypatch.setattr(loading, "read_encoders", read_encoders)
     graph = attribute(tiny_model("llama"), str(folder), PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
