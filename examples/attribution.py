@@ -41,8 +41,8 @@ def main(prompt: str = "def square(x):\n    return x *", html: str = "attributio
     for token, p in zip(graph.logit_strings or [], graph.logit_probs.tolist()):
         print(f"explains {token!r} (p={p:.3f})")
     replacement, completeness = graph.scores()
-    print(f"{graph.features.shape[0]} active features; replacement score {replacement:.3f}, "
-          f"completeness {completeness:.3f}")
+    print(f"{graph.meta['n_active_features']} active features ({graph.features.shape[0]} attributed); "
+          f"replacement score {replacement:.3f}, completeness {completeness:.3f}")
 
     # Pruning keeps the nodes and edges that carry most of the influence on the logits (80% / 98%).
     pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)

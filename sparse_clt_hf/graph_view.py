@@ -16,7 +16,8 @@ The page works offline (CSS and JavaScript inline, an SVG drawn by the page's sc
 * an edge is blue when positive and red when negative, its width and opacity its size relative to the
   strongest input of the same target;
 * clicking a node (or ``PATH#node=NODE_ID``) lists its strongest inputs and outputs (clickable) and, with
-  ``feature_details`` (:func:`feature_details_from_stats`), the feature's label and max-activating contexts.
+  ``feature_details`` (:func:`feature_details_from_stats`), the feature's label and max-activating contexts;
+  with ``dashboard``, a link to the feature's page of a ``sparse-clt-hf dashboard`` site.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.S)
 
 #: circuit-tracer's ``feature_type`` -> the page's node kind (anything not listed, e.g. "cross layer
 #: transcoder" or "transcoder", is a feature; a type naming an error is an error node)
+DASHBOARD_SCHEMES = ("http", "https", "file")  #: URL schemes a dashboard link may use (besides a plain path)
 KINDS = {"embedding": "token", "logit": "logit", "mlp reconstruction error": "error"}
 
 
@@ -79,12 +81,27 @@ def _num(value: Any) -> float | None:
     return float(f"{v:.5g}") if v == v and abs(v) != float("inf") else None
 
 
+def dashboard_site(site: str | Path | None) -> str | None:
+    """``site`` (a folder or URL of a ``sparse-clt-hf dashboard`` site) as the page links to it: its feature pages
+    are ``SITE/feature.html#L{layer}/{feature}``. Raises ValueError for a URL scheme other than http(s) or file
+    (a ``javascript:`` or ``data:`` link would run code when clicked)."""
+    if site is None:
+        return None
+    text = str(site)
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", text.strip())
+    if scheme and len(scheme.group(1)) > 1 and scheme.group(1).lower() not in DASHBOARD_SCHEMES:
+        raise ValueError(f"dashboard {text!r}: expected a folder or an http(s)/file URL of a sparse-clt-hf "
+                         f"dashboard site, not a {scheme.group(1)}: URL")
+    return text.rstrip("/\\") or text
+
+
 def page_data(graph_json: Mapping[str, Any], feature_details: Mapping[str, Any] | None = None,
-              title: str | None = None) -> dict[str, Any]:
+              title: str | None = None, dashboard: str | Path | None = None) -> dict[str, Any]:
     """The JSON-ready content of the page (see :func:`graph_html`): ``nodes`` (``id``, ``kind``, ``row``
     (0 = embeddings, ``l + 1`` = layer ``l``, ``n_layers + 1`` = logits), ``pos``, ``layer``, ``feature``,
     ``label``, ``act``, ``infl``, ``prob``, ``target``), ``links`` as ``[source index, target index, weight]``,
-    ``tokens`` (one string per position), ``n_layers``, ``meta`` and ``details`` (of the features on the page).
+    ``tokens`` (one string per position), ``n_layers``, ``meta``, ``details`` (of the features on the page) and
+    ``dashboard`` (:func:`dashboard_site`).
 
     Raises ValueError naming the node or link that does not fit the schema."""
     if not isinstance(graph_json, Mapping) or not isinstance(graph_json.get("nodes"), list) \
@@ -145,6 +162,7 @@ def page_data(graph_json: Mapping[str, Any], feature_details: Mapping[str, Any] 
         "nodes": nodes,
         "links": links,
         "details": details,
+        "dashboard": dashboard_site(dashboard),
     }
 
 
@@ -264,14 +282,15 @@ def render_html(data: dict[str, Any]) -> str:
 
 
 def graph_html(graph_json: Mapping[str, Any], path: str | Path, *, feature_details: Mapping[str, Any] | None = None,
-               title: str | None = None) -> Path:
+               title: str | None = None, dashboard: str | Path | None = None) -> Path:
     """Write the page of ``graph_json`` (a pruned graph's circuit-tracer JSON, as a dict) to ``path``.
 
     ``feature_details``: ``{"LAYER/FEATURE": {"label": str, "top_contexts": [...]}}`` shown for a clicked
     feature (:func:`feature_details_from_stats` builds it from statistics); ``title``: the page's heading
-    (default: the prompt)."""
+    (default: the prompt); ``dashboard``: the folder (relative to the page, or absolute) or URL of a
+    ``sparse-clt-hf dashboard`` site: a selected feature's panel links to its page there."""
     path = Path(path)
     if not path.resolve().parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.resolve().parent} does not exist")
-    path.write_text(render_html(page_data(graph_json, feature_details, title)), encoding="utf-8")
+    path.write_text(render_html(page_data(graph_json, feature_details, title, dashboard)), encoding="utf-8")
     return path

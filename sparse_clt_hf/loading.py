@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "check_description",
     "choose_input_transform",
     "describe",
+    "DecoderParts",
+    "load_decoder_parts",
     "load_decoder_rows",
     "load_for_model",
     "load_transcoder",
@@ -133,28 +136,49 @@ def load_decoder_rows(
     and keeps the rows, so its peak memory is that layer's whole decoder. A transcoder without decoders
     raises :class:`TranscoderFormatError` naming the layer.
     """
+    return load_decoder_parts(source, layer, features, format=format, variant=variant).rows
+
+
+@dataclass
+class DecoderParts:
+    """What a source layer writes: the decoder rows asked for and the layer's output bias and skip matrix."""
+
+    rows: torch.Tensor  #: [n_features, n_out, d]
+    b_dec: torch.Tensor | None  #: [d] bias of the layer's output
+    W_skip: torch.Tensor | None  #: [d, d]
+
+
+def load_decoder_parts(
+    source: CrossLayerTranscoder | RefLike,
+    layer: int,
+    features: Iterable[int],
+    *,
+    format: str | None = None,
+    variant: str | None = None,
+) -> DecoderParts:
+    """:func:`load_decoder_rows` with the layer's ``b_dec`` and ``W_skip``; with no ``features`` it checks that
+    the layer has a decoder and reads only those small tensors (the native layout: no decoder row at all)."""
     feats = [int(f) for f in features]
     if isinstance(source, CrossLayerTranscoder):
-        W = source.encoder(layer).W_dec
-        if W is None:
+        enc = source.encoder(layer)
+        if enc.W_dec is None:
             raise TranscoderFormatError(f"layer {layer}: the transcoder has no decoder (W_dec); load it with decoders")
-        return W.detach()[feats].clone()
+        return DecoderParts(enc.W_dec.detach()[feats].clone(), enc.b_dec, enc.W_skip)
     ref = resolve(source)
     name = format or ref.format_hint or detect_format(ref.source)
     if name == "circuit_tracer":
-        rows = _native_rows(ref.source, layer, feats)
-        if rows is not None:
-            return rows
-    loaded = format_module(name).load(ref.source, [int(layer)], True, variant=variant)
-    W = loaded.encoder(int(layer)).W_dec
-    if W is None:
-        raise TranscoderFormatError(f"{ref.name}: layer {layer} has no decoder (W_dec), which steering needs")
-    return W[feats].clone()
+        parts = _native_parts(ref.source, layer, feats)
+        if parts is not None:
+            return parts
+    enc = format_module(name).load(ref.source, [int(layer)], True, variant=variant).encoder(int(layer))
+    if enc.W_dec is None:
+        raise TranscoderFormatError(f"{ref.name}: layer {layer} has no decoder (W_dec), which its decoder rows need")
+    return DecoderParts(enc.W_dec[feats].clone(), enc.b_dec, enc.W_skip)
 
 
-def _native_rows(source: FileSource, layer: int, feats: list[int]) -> torch.Tensor | None:
-    """Rows from the native layout's safetensors file by slices; None for a layout this does not cover
-    (a ``transcoders:`` list pointing at other formats' files)."""
+def _native_parts(source: FileSource, layer: int, feats: list[int]) -> DecoderParts | None:
+    """Rows from the native layout's safetensors file by slices, and the small tensors by name; None for a
+    layout this does not cover (a ``transcoders:`` list pointing at other formats' files)."""
     from safetensors import safe_open
 
     cfg = read_config(source) or {}
@@ -165,8 +189,7 @@ def _native_rows(source: FileSource, layer: int, feats: list[int]) -> torch.Tens
     if not source.exists(fname):
         what = "its decoder file" if clt else "its layer file"
         raise TranscoderFormatError(f"{source.name}: layer {layer} has no decoder ({what} {fname} is missing)")
-    path = source.fetch(fname)
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(source.fetch(fname)), framework="pt") as f:
         if key not in f.keys():
             raise TranscoderFormatError(f"{source.name}/{fname}: layer {layer} has no decoder tensor {key!r}")
         sl = f.get_slice(key)
@@ -175,7 +198,12 @@ def _native_rows(source: FileSource, layer: int, feats: list[int]) -> torch.Tens
         if bad:
             raise TranscoderFormatError(f"{source.name}/{fname}: features {bad} out of range ({shape[0]} rows)")
         rows = torch.cat([sl[x : x + 1] for x in feats]) if feats else torch.empty(0, *shape[1:])
-    return rows if rows.ndim == 3 else rows.unsqueeze(1)
+        small = {k: f.get_tensor(k) for k in ("b_dec", "W_skip") if not clt and k in f.keys()}
+    if clt:  # the CLT's output bias sits with its encoder
+        enc_name = f"W_enc_{layer}.safetensors"
+        with safe_open(str(source.fetch(enc_name)), framework="pt") as f:
+            small = {"b_dec": f.get_tensor(f"b_dec_{layer}")} if f"b_dec_{layer}" in f.keys() else {}
+    return DecoderParts(rows if rows.ndim == 3 else rows.unsqueeze(1), small.get("b_dec"), small.get("W_skip"))
 
 
 def choose_input_transform(config: TranscoderConfig, model: Any) -> TranscoderConfig:

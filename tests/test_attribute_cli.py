@@ -100,7 +100,7 @@ def fake_engine(monkeypatch):
             logit_ids=torch.tensor(logit_ids), logit_probs=torch.tensor([0.625, 0.25][: len(logit_ids)]),
             adjacency=torch.zeros(len(logit_ids) + 2, n_nodes), row_nodes=torch.arange(len(logit_ids) + 2),
             n_layers=N_LAYERS, token_strings=[tokenizer.decode([i]) for i in ids],
-            logit_strings=[tokenizer.decode([i]) for i in logit_ids])
+            logit_strings=[tokenizer.decode([i]) for i in logit_ids], meta={"n_active_features": 9})
         graph.calls = calls
         return graph
 
@@ -127,7 +127,8 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     out, page, saved = tmp_path / "g.json", tmp_path / "g.html", tmp_path / "g.safetensors"
     rc = cli.main(["attribute", "--model", str(model_dir), "--clt", str(clt_dir), "--prompt", "hi </b>", "--target", "x",
                    "--max-feature-nodes", "7", "--batch-size", "3", "--node-threshold", "0.7", "--edge-threshold", "0.9",
-                   "--device", "cpu", "--out", str(out), "--html", str(page), "--save", str(saved), "--no-progress"])
+                   "--device", "cpu", "--out", str(out), "--html", str(page), "--save", str(saved), "--no-progress",
+                   "--dashboard", "../site/"])
     assert rc == 0
     text = capsys.readouterr().out
     # what reached the engine: the raw text, its tokenizer, the target string and the limits
@@ -146,6 +147,7 @@ def test_attribute_text_report_and_files(tiny_dirs, fake_engine, fake_stats, tmp
     data = embedded(page.read_text(encoding="utf-8"))
     assert [n["id"] for n in data["nodes"]] == [n["node_id"] for n in graph_json["nodes"]]
     assert set(data["details"]) == {"0/3", "1/5"} and data["title"] == "Why the next token? hi </b>"
+    assert data["dashboard"] == "../site"  # feature pages: ../site/feature.html#L{layer}/{feature}
     assert saved.read_bytes() == b"graph"
     # the summary: target and probability, scores, features by influence (smallest cumulative first), files
     assert "explained: 'x' p=0.625" in text
@@ -170,6 +172,7 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     assert [(f["layer"], f["feature"]) for f in report["top_features"]] == [(2, 7), (1, 5)]
     assert report["scores"] == {"replacement": 0.75, "completeness": 0.9} and report["files"] == {}
     assert report["labels"] is False and report["tokens"] == len(expected)
+    assert (report["active_features"], report["attributed_features"]) == (9, 2)  # all active, and the rows
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -180,12 +183,27 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     (["--out", "/nonexistent/dir/g.json"], "does not exist"),
     (["--out", "graph.txt"], "should end in .json"),
     (["--save", "/nonexistent/dir/g.safetensors"], "does not exist"),
+    (["--dashboard", "site"], "--dashboard site: the links go into the page; add --html"),
+    (["--html", "g.html", "--dashboard", "javascript:alert(1)"], "not a javascript: URL"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(tiny_dirs, monkeypatch, fake_engine, capsys, extra, message):  # noqa: F811
     model_dir, clt_dir = tiny_dirs
     monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rc = cli.main(["attribute", "--json", "--model", str(model_dir), "--clt", str(clt_dir), *extra])
     assert rc == 1 and message in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_dashboard_folder_given_from_here_is_linked_relative_to_the_page(tmp_path, monkeypatch):
+    from sparse_clt_hf.commands.attribute import dashboard_for_page
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "out" / "pages").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert dashboard_for_page("site", "out/pages/g.html") == "../../site"
+    assert dashboard_for_page("site/", "g.html") == "site"
+    assert dashboard_for_page("../site", "out/pages/g.html") == "../site"  # not a folder here: relative to the page
+    assert dashboard_for_page("https://x.org/site", "g.html") == "https://x.org/site"
+    assert dashboard_for_page(str(tmp_path / "site"), "g.html") == str(tmp_path / "site")
 
 
 def test_model_without_transcoder_is_an_error(monkeypatch, capsys):
@@ -284,3 +302,4 @@ def test_attribution_example(monkeypatch, fake_engine, tmp_path, capsys):
     assert [(f["layer"], f["feature"]) for f in result["top"]] == [(2, 7), (1, 5), (0, 3)]
     out = capsys.readouterr().out
     assert "most influential features:" in out and "L2/7" in out and "replacement score 0.750" in out
+    assert "9 active features (4 attributed)" in out

@@ -5,6 +5,7 @@ graphs round-trip through save/load; generated tokens and attachments; offloaded
 from __future__ import annotations
 
 import pytest
+import safetensors
 import torch
 from conftest import random_transcoder
 from tiny_models import tiny_model
@@ -238,7 +239,15 @@ def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monk
         return real_rows(source, layer, features, **kw)
 
     monkeypatch.setattr(active, "load_decoder_rows", rows)
-    monkeypatch.setattr(active, "load_transcoder", lambda *a, **k: pytest.fail("loaded every decoder"))
+    from sparse_clt_hf import loading
+
+    real_read = loading.read_encoders
+
+    def read_encoders(*a, decoders=False, **k):
+        assert not decoders, "loaded every decoder"
+        return real_read(*a, **k)
+
+    monkeypatch.setattr(loading, "read_encoders", read_encoders)
     graph = attribute(tiny_model("llama"), str(folder), PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
@@ -252,13 +261,64 @@ def test_a_clt_folder_reads_only_the_active_features_decoder_rows(tmp_path, monk
     assert counter.n == 0
 
 
-def test_a_plt_folder_gives_the_in_memory_graph(tmp_path):
+class RefusingWholeDecoders:
+    """A safetensors handle that refuses to read a decoder tensor whole and records the rows sliced from it."""
+
+    sliced: list[tuple[str, int]] = []
+    real_open = safetensors.safe_open
+
+    def __init__(self, path, framework="pt"):
+        self.path, self.inner = str(path), RefusingWholeDecoders.real_open(path, framework=framework)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self):
+        return self.inner.keys()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def get_tensor(self, name):
+        if name.startswith("W_dec"):
+            pytest.fail(f"read the whole decoder {name} of {self.path}")
+        return self.inner.get_tensor(name)
+
+    def get_slice(self, name):
+        inner, sliced, path = self.inner.get_slice(name), self.sliced, self.path
+
+        class Rows:
+            def get_shape(self):
+                return inner.get_shape()
+
+            def __getitem__(self, rows):
+                sliced.append((path, rows.stop - rows.start))
+                return inner[rows]
+
+        return Rows()
+
+
+def test_a_plt_folder_reads_only_the_active_rows_and_gives_the_in_memory_graph(tmp_path, monkeypatch):
+    from sparse_clt_hf.formats import common
+
     tc = random_transcoder(decoders=True, span=1, activation="jumprelu", seed=5)
+    g = torch.Generator().manual_seed(1)
+    for layer in tc.layers:  # a skip path too: read with the layer's small tensors
+        tc.encoder(layer).set_decoder(None, None, torch.randn(32, 32, generator=g) * 0.05)
     folder = tc.save_pretrained(tmp_path / "plt")
-    graph = attribute(tiny_model("gemma2"), str(folder), PROMPT)
     in_memory = attribute(tiny_model("gemma2"), tc, PROMPT)
+    monkeypatch.setattr(safetensors, "safe_open", RefusingWholeDecoders)
+    monkeypatch.setattr(common, "safe_open", RefusingWholeDecoders)
+    monkeypatch.setattr(RefusingWholeDecoders, "sliced", [])
+    graph = attribute(tiny_model("gemma2"), str(folder), PROMPT)
     assert torch.equal(graph.features, in_memory.features)
     torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+    for layer in tc.layers:  # each active feature's row once, nothing else
+        rows = sum(n for path, n in RefusingWholeDecoders.sliced if path.endswith(f"layer_{layer}.safetensors"))
+        assert rows == len(set(graph.features[graph.features[:, 0] == layer, 2].tolist())) > 0
 
 
 def test_automatic_batch_size_shrinks_to_fit_the_memory_limit():
@@ -286,3 +346,38 @@ def test_an_attachment_loaded_from_a_folder_attributes_its_layers(tmp_path):
     direct = attribute(model, tc.select_layers([0, 1]), PROMPT)
     assert torch.equal(graph.features, direct.features)
     torch.testing.assert_close(graph.adjacency, direct.adjacency)
+
+
+@pytest.mark.filterwarnings("ignore:transcoder was trained on")
+def test_a_saelens_folder_reads_one_layers_decoder_at_a_time_and_gives_the_in_memory_graph(tmp_path, monkeypatch):
+    """Formats without row slices load one layer with its decoder at a time (never all decoders at once)."""
+    from format_fixtures import write_saelens
+
+    from sparse_clt_hf.attribution import active
+    from sparse_clt_hf.formats import saelens
+    from sparse_clt_hf.loading import load_transcoder
+
+    for layer in (0, 1, 2):
+        write_saelens(tmp_path, layer, 32, 48, architecture="jumprelu_skip_transcoder", folder=f"L{layer}",
+                      hook="blocks.{layer}.ln2.hook_normalized", hook_out="blocks.{layer}.hook_mlp_out")
+    in_memory = attribute(tiny_model("llama"), load_transcoder(str(tmp_path), decoders=True), PROMPT)
+    loads, rows = [], []
+    real_load, real_rows = saelens.load, active.load_decoder_rows
+
+    def load(source, layers, decoders, **kw):
+        loads.append((None if layers is None else list(layers), decoders))
+        return real_load(source, layers, decoders, **kw)
+
+    def read_rows(source, layer, features, **kw):
+        rows.append((layer, list(features)))
+        return real_rows(source, layer, features, **kw)
+
+    monkeypatch.setattr(saelens, "load", load)
+    monkeypatch.setattr(active, "load_decoder_rows", read_rows)
+    graph = attribute(tiny_model("llama"), str(tmp_path), PROMPT)
+    assert torch.equal(graph.features, in_memory.features) and in_memory.meta["n_active_features"] > 0
+    torch.testing.assert_close(graph.adjacency, in_memory.adjacency)
+    assert all(len(layers) == 1 for layers, decoders in loads if decoders), loads
+    assert [layers for layers, decoders in loads if not decoders] == [None]  # every encoder, once, no decoder
+    for layer, feats in rows:
+        assert feats == sorted(set(graph.features[graph.features[:, 0] == layer, 2].tolist()))

@@ -17,6 +17,7 @@ from test_view import HOSTILE, FakeStats, FakeTokenizer, png_pixels_vary, run_ch
 
 from sparse_clt_hf.graph_view import (
     DATA_ID,
+    dashboard_site,
     feature_details_from_stats,
     graph_html,
     labels_from_details,
@@ -272,10 +273,13 @@ class GraphDom(HTMLParser):
         self.panel_text: list[str] = []
         self.in_panel = 0
         self.body: dict = {}
+        self.dashboard_links: list[dict] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         classes = (a.get("class") or "").split()
+        if tag == "a" and "dashboard" in classes:
+            self.dashboard_links.append(a)
         if tag == "body":
             self.body = a
         if tag == "g" and "node" in classes and "data-id" in a:
@@ -403,6 +407,38 @@ def test_browser_click_follow_and_escape(tmp_path):
     assert attrs["first-input"] == "1_13_3"  # weight 1.2 beats the embedding's 0.9
     assert attrs["after-follow"] == "#node=3_42_5|3_42_5"
     assert attrs["after-escape"] == "|0"
+
+
+HOSTILE_SITE = '../my "site" </script><b>&amp;</b>/'
+
+
+def test_browser_links_a_feature_to_its_dashboard_page(tmp_path):
+    g = make_graph_json()
+    path = graph_html(g, tmp_path / "g.html", dashboard=HOSTILE_SITE)
+    p = dump(path, "#node=3_42_5")
+    # the dashboard site's route for a feature page (sparse_clt_hf/dashboard/site.py): feature.html#L{layer}/{feature}
+    assert [(a["href"], a.get("target")) for a in p.dashboard_links] == [
+        ('../my "site" </script><b>&amp;</b>/feature.html#L3/42', "_blank")]
+    assert "<b>" not in "".join(p.panel_text)
+    assert dump(path, "#node=0_2_3").dashboard_links == []  # an error node has no dashboard page
+    assert dump(path, "#node=E_101_1").dashboard_links == []
+    assert dump(graph_html(g, tmp_path / "plain.html"), "#node=3_42_5").dashboard_links == []
+    site = "https://example.org/dash"
+    assert [a["href"] for a in dump(graph_html(g, tmp_path / "u.html", dashboard=site + "/"), "#node=1_7_4")
+            .dashboard_links] == [site + "/feature.html#L1/7"]
+
+
+@pytest.mark.parametrize("site", ["javascript:alert(1)", " JavaScript:alert(1)", "data:text/html,<b>x</b>", "vbscript:x"])
+def test_a_dashboard_url_that_would_run_code_is_refused(tmp_path, site):
+    with pytest.raises(ValueError, match="expected a folder or an http"):
+        graph_html(make_graph_json(), tmp_path / "g.html", dashboard=site)
+    assert not (tmp_path / "g.html").exists()
+
+
+def test_dashboard_folders_and_web_addresses_are_kept():
+    assert [dashboard_site(s) for s in ("site", "../site/", "C:\\sites\\dash\\", "file:///tmp/site/", "http://h/d")] == [
+        "site", "../site", "C:\\sites\\dash", "file:///tmp/site", "http://h/d"]
+    assert dashboard_site(None) is None and dashboard_site("/") == "/"
 
 
 def test_browser_screenshot_not_blank(tmp_path):

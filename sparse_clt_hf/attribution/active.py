@@ -10,25 +10,17 @@ import torch
 from torch import nn
 
 from ..errors import TranscoderFormatError
-from ..formats import detect_format
-from ..formats.circuit_tracer import CLT_KIND, read_config
 from ..io.refs import resolve
 from ..layer_encoder import check_compatible
-from ..loading import choose_input_transform, load_decoder_rows, load_for_model, load_transcoder
+from ..loading import choose_input_transform, load_decoder_parts, load_decoder_rows, load_for_model
 from ..sites import model_dims
 from ..transcoder import CrossLayerTranscoder
 from .replacement import LocalReplacement, transform_backward, transform_linear
 
 RowSource = dict[str, Any]  #: where decoder rows are read lazily: {"source": Reference, "format", "variant"}
-
-
-def _lazy_rows(ref: Any, fmt: str | None) -> bool:
-    """True for circuit-tracer's native CLT layout, whose decoder files are read row by row (safetensors slices)
-    and whose decoder biases sit with the encoders: only the active features' rows are ever read."""
-    source = ref.source
-    name = fmt or ref.format_hint or detect_format(source)
-    cfg = read_config(source) if name == "circuit_tracer" else None
-    return bool(cfg) and cfg.get("model_kind") == CLT_KIND and not cfg.get("transcoders")
+#: A transcoder given by reference or folder keeps no decoder in memory: its output biases and skip matrices are read
+#: up front (checking every layer has a decoder), the rows of the active features only after the forward pass,
+#: through load_decoder_rows (safetensors slices for the native layouts; other formats one layer at a time).
 
 
 def _as_transcoder(model: nn.Module, transcoder: Any) -> tuple[CrossLayerTranscoder, str, RowSource | None]:
@@ -45,16 +37,11 @@ def _as_transcoder(model: nn.Module, transcoder: Any) -> tuple[CrossLayerTransco
         if isinstance(transcoder, CrossLayerTranscoder):
             return transcoder.select_layers(layers), transcoder.config.model_name or "in-memory transcoder", None
     ref = resolve(transcoder)
-    if _lazy_rows(ref, fmt):
-        tc = load_for_model(ref, model, layers=layers, format=fmt, variant=variant)
-        missing = [i for i in tc.layers if not ref.source.exists(f"W_dec_{i}.safetensors")]
-        if missing:
-            raise TranscoderFormatError(
-                f"{ref.name}: layer {missing[0]} has no decoder (W_dec_{missing[0]}.safetensors is missing), which "
-                "attribution needs"
-            )
-        return tc, ref.name, {"source": ref, "format": fmt, "variant": variant}
-    return load_transcoder(ref, layers=layers, format=fmt, decoders=True, variant=variant), ref.name, None
+    tc = load_for_model(ref, model, layers=layers, format=fmt, variant=variant)
+    for layer in tc.layers:  # checks every decoder before any work; reads the small tensors, no decoder row
+        parts = load_decoder_parts(ref, layer, [], format=fmt, variant=variant)
+        tc.encoder(layer).set_decoder(None, parts.b_dec, parts.W_skip)
+    return tc, ref.name, {"source": ref, "format": fmt, "variant": variant}
 
 
 def resolve_transcoder(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="write the pruned graph JSON (circuit-tracer / Neuronpedia format) here")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained page of the pruned graph")
+    parser.add_argument("--dashboard", default=None, metavar="SITE",
+                        help="with --html: link each feature to its page of this sparse-clt-hf dashboard site "
+                             "(a folder, rewritten relative to the page, or a URL)")
     parser.add_argument("--save", default=None, metavar="PATH", help="save the whole graph (.safetensors, no pickle)")
     parser.add_argument("--slug", default=None, help="the graph's name in its JSON (default: from the prompt)")
     parser.add_argument("--stats", default=None, metavar="PATH",
@@ -58,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=10, help="features listed in the summary (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(parser)
+
+
+def dashboard_for_page(site: str | None, page: str | None) -> str | None:
+    """``--dashboard`` as the page links to it: a folder that exists relative to the current directory (what a
+    shell user types) becomes relative to the page's folder; a URL, an absolute path, or a path that does not
+    exist here (taken as relative to the page) stays as given."""
+    if site is None or page is None or "://" in site or Path(site).is_absolute() or not Path(site).is_dir():
+        return site
+    return Path(os.path.relpath(Path(site).resolve(), Path(page).resolve().parent)).as_posix()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -75,6 +88,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: attribution needs text to explain the next token of")
     if args.model is not None and args.clt is None:
         raise ValueError("--clt is required with --model (the demo transcoder fits the default model only)")
+    if args.dashboard is not None:
+        from ..graph_view import dashboard_site
+
+        if not args.html:
+            raise ValueError(f"--dashboard {args.dashboard}: the links go into the page; add --html PATH")
+        dashboard_site(args.dashboard)  # a javascript: or data: URL is refused
     if args.out and not args.out.endswith(".json"):
         raise ValueError(f"--out {args.out}: the graph JSON's file name should end in .json")
     for option in ("save",):
@@ -120,10 +139,11 @@ def slug_of(prompt: str) -> str:
 def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, stats: Any = None,
                          targets: list[Any] | None = None, out: str | None = None, html: str | None = None,
                          save: str | None = None, slug: str | None = None, title: str | None = None,
+                         dashboard: str | None = None,
                          node_threshold: float = 0.8, edge_threshold: float = 0.98, show: int = 10,
                          progress: bool = True, **attribute_kwargs: Any) -> dict[str, Any]:
     """Attribute ``prompt`` (text, or token ids used as given), prune, write the files asked for, and return the
-    report :func:`format_report` prints (JSON-ready)."""
+    report :func:`format_report` prints (JSON-ready). ``dashboard``: a dashboard site the page links features to."""
     import sparse_clt_hf
 
     from ..graph_view import feature_details_from_stats, graph_html, labels_from_details, top_features
@@ -146,7 +166,8 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
     if out:
         files["json"] = str(out)
     if html:
-        graph_html(graph_json, html, feature_details=details, title=title or f"Why the next token? {text}")
+        graph_html(graph_json, html, feature_details=details, title=title or f"Why the next token? {text}",
+                   dashboard=dashboard)
         files["html"] = str(html)
     if save:
         graph.save(save)
@@ -161,7 +182,7 @@ def attribute_and_report(model: Any, tokenizer: Any, clt: Any, prompt: Any, *, s
         "tokens": int(graph.tokens.shape[0]),
         "targets": [{"token": s, "id": int(i), "probability": round(float(p), 4)}
                     for s, i, p in zip(strings, graph.logit_ids.tolist(), graph.logit_probs.tolist())],
-        "active_features": n,
+        "active_features": int(graph.meta.get("n_active_features", n)),  # also those left out by max_feature_nodes
         "attributed_features": int(graph.row_nodes.shape[0]) - int(graph.logit_ids.shape[0]),
         "pruned": {"nodes": len(graph_json["nodes"]), "links": len(graph_json["links"]), "by_type": kinds,
                    "node_threshold": node_threshold, "edge_threshold": edge_threshold},
@@ -220,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = demo.chat_input(tokenizer, args.prompt, True)["input_ids"][0]
     report = attribute_and_report(
         model, tokenizer, clt, prompt, stats=stats, targets=args.target, out=args.out, html=args.html,
-        save=args.save, slug=args.slug, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+        save=args.save, slug=args.slug, dashboard=dashboard_for_page(args.dashboard, args.html), node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         show=args.show, progress=not (args.no_progress or args.json), max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
