@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import safetensors
+import tiny_models
 import torch
 from conftest import random_transcoder
 from tiny_models import tiny_model
@@ -17,15 +18,7 @@ PROMPT = torch.tensor([2, 17, 5, 99, 43, 8, 61, 23])
 
 
 def char_tokenizer():
-    """A fast tokenizer with one token per printable character (ids < 128) and <pad>/<eos>/<bos> = 0/1/2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chr(32 + i): 3 + i for i in range(95)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    return tiny_models.char_tokenizer(chat_template=None)
 
 
 def state(model):

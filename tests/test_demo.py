@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_transcoder
-from tiny_models import tiny_model
+from tiny_models import char_tokenizer, tiny_model
 
 from sparse_clt_hf import Features, cli
 from sparse_clt_hf import demo as demo_mod
@@ -18,20 +18,6 @@ from sparse_clt_hf import models as models_mod
 
 def main(argv):
     return cli.main(argv)
-
-
-def char_tokenizer():
-    """A real (saveable) fast tokenizer: one token per printable character, ids < 128."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chr(32 + i): 3 + i for i in range(95)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
-    fast.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
-    return fast
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from conftest import assert_features_match, random_transcoder, textbook_dense
 from tiny_models import tiny_model
@@ -39,15 +40,7 @@ DOCS = [
 
 
 def char_tokenizer():
-    """A saveable fast tokenizer: one token per printable character, no special tokens added."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{chr(32 + i): 3 + i for i in range(95)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    return tiny_models.char_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")

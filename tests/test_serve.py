@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tiny_models
 import torch
 from conftest import random_transcoder
 from tiny_models import tiny_model
@@ -34,21 +35,11 @@ from sparse_clt_hf.serve.bench import ServerThread, bench_serve  # noqa: E402
 K = 6  # features recorded per layer
 WIDTHS = [64, 48, 64]
 NAME = "tiny-llama"
+SERVE_CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'][0] }}:{{ m['content'] }}]{% endfor %}>"
 
 
 def char_tokenizer():
-    """One token per character; ids cover the tiny model's whole vocabulary (128)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(32 + i) for i in range(95)] + [chr(0xC0 + i) for i in range(30)]
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
-    fast.chat_template = "{% for m in messages %}[{{ m['role'][0] }}:{{ m['content'] }}]{% endfor %}>"
-    return fast
+    return tiny_models.char_tokenizer(full_vocab=True, chat_template=SERVE_CHAT_TEMPLATE)
 
 
 def transcoder():

@@ -123,3 +123,25 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     if model.generation_config is not None:
         model.generation_config.pad_token_id = 0
     return model
+
+
+#: the chat template of :func:`char_tokenizer` (``<content>`` per message)
+CHAR_CHAT_TEMPLATE = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+
+
+def char_tokenizer(*, full_vocab: bool = False, chat_template: str | None = CHAR_CHAT_TEMPLATE):
+    """A saveable fast tokenizer, one token per character: <pad>/<eos>/<bos> = 0/1/2, the printable ASCII
+    characters 3..97 and, with ``full_vocab``, 30 more (up to the tiny models' vocabulary of 128). No special
+    tokens are added when encoding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(32 + i) for i in range(95)] + ([chr(0xC0 + i) for i in range(30)] if full_vocab else [])
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
