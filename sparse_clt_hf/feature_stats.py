@@ -206,19 +206,24 @@ class _Accumulator:
         self.top_d = torch.full((n_layers * m, top_n), -1, dtype=torch.int64)
         self.top_p = torch.full((n_layers * m, top_n), -1, dtype=torch.int64)
 
-    def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor) -> None:
+    def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor):
         """Rows of ``f`` are (pieces of) documents ``documents`` starting at position ``offsets``; rows
-        must come in (document, position) order across calls, which makes ties resolve to the earliest."""
+        must come in (document, position) order across calls, which makes ties resolve to the earliest.
+        Returns the block's recorded entries (key = layer index * M + feature, activation, document,
+        position), in row order, for accumulators that extend this one in the same pass."""
         mask = f.mask.bool()
         self.n_positions += int(mask.sum())
         valid = (f.indices >= 0) & mask[:, :, None, None]
         w, t, li, ki = valid.nonzero(as_tuple=True)
-        if w.numel() == 0:
-            return
         key = li * self.m + f.indices[w, t, li, ki].long()
         act = f.values[w, t, li, ki].float()
         doc = documents[w].long()
         pos = offsets[w].long() + t
+        if w.numel():
+            self._add(key, act, doc, pos)
+        return key, act, doc, pos
+
+    def _add(self, key: torch.Tensor, act: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor) -> None:
         self.count += torch.bincount(key, minlength=self.count.numel())
         self.sum.index_add_(0, key, act.double())
         self.max.scatter_reduce_(0, key, act, reduce="amax")
@@ -278,6 +283,10 @@ class _Accumulator:
         return out
 
     def finish(self, blocks) -> FeatureStats:
+        return self.result(self.contexts(blocks))
+
+    def result(self, top_tokens: torch.Tensor) -> FeatureStats:
+        """The statistics, with the token windows ``top_tokens`` [L*M, n, 2c+1] of the top contexts."""
         n_layers = len(self.layers)
         shape = (n_layers, self.m)
         tensors = {
@@ -287,7 +296,7 @@ class _Accumulator:
             "top_values": self.top_v.view(*shape, self.top_n),
             "top_documents": self.top_d.view(*shape, self.top_n),
             "top_positions": self.top_p.view(*shape, self.top_n),
-            "top_tokens": self.contexts(blocks).view(*shape, self.top_n, 2 * self.context + 1),
+            "top_tokens": top_tokens.view(*shape, self.top_n, 2 * self.context + 1),
         }
         return FeatureStats(self.layers, self.n_features, self.n_positions, self.top_n, self.context, tensors)
 

@@ -38,9 +38,14 @@ def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int
         for f in range(feats.n_features[li]):
             h = hits.get((layer, f), [])
             mx = max((float(torch.tensor(a, dtype=torch.float32)) for a, _, _ in h), default=0.0)
+            top = 2.0 ** (math.floor(math.log2(mx)) + 1) if mx > 0 else 0.0  # smallest power of two above max
+            while top / 2 > mx:  # guard log2 rounding
+                top /= 2
+            while top <= mx and mx > 0:
+                top *= 2
 
-            def bin_of(a, mx=mx):
-                return min(max(int(math.floor(a / mx * bins)) if mx > 0 else 0, 0), bins - 1)
+            def bin_of(a, top=top):  # exact: a * bins / top is a float product with a power of two
+                return min(max(int(math.floor(a * bins / top)) if top > 0 else 0, 0), bins - 1)
 
             hist = [0] * bins
             for a, _, _ in h:
@@ -63,7 +68,7 @@ def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int
                 return ([int(feats.token_ids[d, q]) for q in qs], [recorded.get((layer, f, d, q), 0.0) for q in qs],
                         qs.index(p))
 
-            out[(layer, f)] = dict(hist=hist, edges=edges, sampled=sampled, window=window, n=n)
+            out[(layer, f)] = dict(top=top, hist=hist, edges=edges, sampled=sampled, window=window, n=n)
     return out
 
 
@@ -72,6 +77,7 @@ def assert_matches(ds: DashboardStats, feats: Features, bins, quantiles, samples
     for li, layer in enumerate(feats.layers):
         for f in range(feats.n_features[li]):
             r = ref[(layer, f)]
+            assert ds.bin_edges(layer, f)[-1] == r["top"], (layer, f)
             assert ds.histogram(layer, f).tolist() == r["hist"], (layer, f)
             assert ds.quantile_edges(layer, f).tolist() == r["edges"], (layer, f)
             ex = ds.examples(layer, f)

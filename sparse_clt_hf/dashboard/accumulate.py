@@ -1,0 +1,312 @@
+"""Dashboard statistics computed in the same streaming pass as
+:func:`~sparse_clt_hf.feature_stats.feature_stats` (definitions: :mod:`.stats`).
+
+The first read of every shard updates, per (layer, feature), the base statistics and:
+
+- the histogram: ``B`` bins over ``[0, 2**e)`` where ``2**e`` is the smallest power of two above the
+  running max. When a shard raises the max past ``2**e``, the scale doubles ``s`` times and bin ``i``
+  folds into bin ``i >> s`` -- exact, since ``floor(a * B / 2**(e+s)) = floor(a * B / 2**e) >> s``, so no
+  first pass is needed for the max;
+- the samples: per (feature, bin), the ``S`` entries of smallest hash priority. Any quantile group is a
+  union of bins, and the ``S`` smallest of a union are among the ``S`` smallest of each bin, so the
+  groups' samples are picked at the end, once the histogram fixes the group boundaries. Folding bins
+  merges their kept entries the same way.
+
+The second read (the one ``feature_stats`` makes for its top contexts' tokens) takes the token window and
+the feature's activations around every example, the top contexts included. Memory: ``L*M*B*S`` kept
+entries (12 bytes each) and the outputs, fixed by the number of features, never by the corpus.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..feature_stats import STATS_FILE, FeatureStatsError, _Accumulator
+from ..features import Features
+from .stats import _EMPTY, _NONE, _STRIDE, _TOP, DASHBOARD_FILE, DashboardStats, priority
+
+_NO_SCALE = -(1 << 16)  # scale exponent of a feature with no positive activation yet (all in bin 0)
+_LOW32 = (1 << 32) - 1
+Block = tuple[Features, torch.Tensor, torch.Tensor]  # features, document of each row, offset of each row
+
+
+def _order(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+    """Indices sorting entries by (slot, priority, place); slot < 2**32 and priority < 2**31 pack into
+    one int64, sorted by numpy (much faster than a stable torch sort); only hash ties need the place."""
+    packed = ((slot << 31) | prio).numpy()
+    order = np.argsort(packed)
+    s = packed[order]
+    if s.size > 1 and bool((s[1:] == s[:-1]).any()):
+        order = np.lexsort((place.numpy(), prio.numpy(), slot.numpy()))
+    return torch.from_numpy(order)
+
+
+def _first(sorted_slot: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first ``n`` entries of every run of equal slots, and their rank in the run."""
+    keep = torch.ones(sorted_slot.numel(), dtype=torch.bool)
+    if sorted_slot.numel() > n:
+        keep[n:] = sorted_slot[n:] != sorted_slot[:-n]
+    idx = keep.nonzero().squeeze(1)
+    rank = torch.zeros(idx.numel(), dtype=torch.int64)
+    for j in range(1, n):
+        back = (idx - j).clamp_min(0)
+        rank += ((idx >= j) & (sorted_slot[back] == sorted_slot[idx])).long()
+    return idx, rank
+
+
+class DashboardAccumulator(_Accumulator):
+    """:class:`~sparse_clt_hf.feature_stats._Accumulator` plus histograms, per-bin samples and the
+    exactness counters, all updated from the same entries of each block."""
+
+    def __init__(self, layers: list[int], n_features: list[int], top_n: int, context: int, bins: int,
+                 quantiles: int, samples: int) -> None:
+        super().__init__(layers, n_features, top_n, context)
+        n = len(self.layers) * self.m
+        self.bins, self.quantiles, self.samples = bins, quantiles, samples
+        self.exp = torch.full((n,), _NO_SCALE, dtype=torch.int64)
+        self.hist = torch.zeros((n, bins), dtype=torch.int64)
+        self.s_prio = torch.full((n * bins, samples), _EMPTY, dtype=torch.int64)
+        self.s_place = torch.full((n * bins, samples), -1, dtype=torch.int64)
+        self.truncated = torch.zeros(len(self.layers), dtype=torch.int64)
+        self.max_l0 = torch.zeros(len(self.layers), dtype=torch.int64)
+        self.recorded_k = 0
+
+    def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor):
+        key, act, doc, pos = super().update(f, documents, offsets)
+        self.recorded_k = f.indices.shape[-1]
+        l0 = torch.where(f.mask.bool()[:, :, None], f.l0.long(), torch.zeros((), dtype=torch.int64))
+        self.truncated += (l0 > self.recorded_k).sum((0, 1))
+        if l0.numel():
+            self.max_l0 = torch.maximum(self.max_l0, l0.amax((0, 1)))
+        if key.numel() == 0:
+            return key, act, doc, pos
+        folded = self._rescale()
+        scale = torch.pow(2.0, (-self.exp).clamp(-1000, 1000).double()) * self.bins  # exact: B * 2**-e
+        b = (act.double() * scale[key]).floor_().clamp_(0, self.bins - 1).long()
+        slot = key * self.bins + b
+        self.hist.view(-1).add_(torch.bincount(slot, minlength=self.hist.numel()))
+        if self.samples:
+            self._sample(slot, priority(doc, pos, key), doc * _STRIDE + pos, folded)
+        return key, act, doc, pos
+
+    def _rescale(self):
+        """Raise each feature's scale ``2**e`` above its (updated) running max, folding the bins (and their
+        samples) of the features whose scale grew; returns the folded samples as candidates."""
+        _, e = torch.frexp(self.max)  # max = mantissa * 2**e, mantissa in [0.5, 1): 2**e > max
+        new = torch.where(self.max > 0, e.long(), torch.full((), _NO_SCALE, dtype=torch.int64))
+        grown = ((new != self.exp) & (self.exp != _NO_SCALE)).nonzero().squeeze(1)
+        folded = None
+        if grown.numel():
+            shift = (new - self.exp)[grown].clamp_max(62)
+            to = torch.arange(self.bins)[None, :] >> shift[:, None]  # [g, B] new bin of each old bin
+            h = self.hist[grown]
+            self.hist[grown] = torch.zeros_like(h).scatter_add_(1, to, h)
+            if self.samples:
+                rows = grown[:, None] * self.bins + torch.arange(self.bins)
+                p, pl = self.s_prio[rows], self.s_place[rows]  # [g, B, S]
+                kept = p != _EMPTY
+                slot = (grown[:, None] * self.bins + to)[:, :, None].expand(-1, -1, self.samples)
+                folded = (slot[kept], p[kept], pl[kept])
+                self.s_prio[rows], self.s_place[rows] = _EMPTY, -1
+        self.exp = new
+        return folded
+
+    def _sample(self, slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, folded) -> None:
+        """Keep per slot the ``S`` smallest (priority, place); kept entries come from earlier rows, so a
+        new entry enters only below the slot's S-th kept priority."""
+        s = self.samples
+        ok = prio < self.s_prio[slot, s - 1]
+        slot, prio, place = slot[ok], prio[ok], place[ok]
+        if folded is not None:
+            slot, prio, place = torch.cat([folded[0], slot]), torch.cat([folded[1], prio]), torch.cat([folded[2], place])
+        if slot.numel() == 0:
+            return
+        touched = torch.zeros(self.s_prio.shape[0], dtype=torch.bool)
+        touched[slot] = True
+        rows = touched.nonzero().squeeze(1)
+        p, pl = self.s_prio[rows], self.s_place[rows]
+        kept = p != _EMPTY
+        slot = torch.cat([rows[:, None].expand(-1, s)[kept], slot])
+        prio, place = torch.cat([p[kept], prio]), torch.cat([pl[kept], place])
+        order = _order(slot, prio, place)
+        sorted_slot = slot[order]
+        idx, rank = _first(sorted_slot, s)
+        sel = order[idx]
+        self.s_prio[rows], self.s_place[rows] = _EMPTY, -1
+        self.s_prio[sorted_slot[idx], rank] = prio[sel]
+        self.s_place[sorted_slot[idx], rank] = place[sel]
+
+    def finish(self, blocks: Iterable[Block]) -> DashboardStats:  # type: ignore[override]
+        n, bins, q, s = self.hist.shape[0], self.bins, self.quantiles, self.samples
+        hist = self.hist
+        total, cum = hist.sum(1), hist.cumsum(1)
+        edges = torch.zeros(n, q + 1, dtype=torch.int64)
+        edges[:, -1] = bins
+        for g in range(1, q):
+            target = (g * total + q - 1) // q
+            edges[:, g] = (cum < target[:, None]).sum(1) + 1
+        edges[total == 0] = 0
+        # each group's samples: the S smallest among the kept samples of its bins
+        g_doc = torch.full((n * q, s), -1, dtype=torch.int64)
+        g_pos = torch.full((n * q, s), -1, dtype=torch.int64)
+        if s:
+            kept = self.s_prio.view(n, bins, s) != _EMPTY
+            key, b, _ = kept.nonzero(as_tuple=True)
+            prio, place = self.s_prio.view(n, bins, s)[kept], self.s_place.view(n, bins, s)[kept]
+            gslot = key * q + (edges[key, 1:q] <= b[:, None]).sum(1)
+            order = _order(gslot, prio, place)
+            sorted_slot = gslot[order]
+            idx, rank = _first(sorted_slot, s)
+            chosen = place[order[idx]]
+            g_doc[sorted_slot[idx], rank] = chosen >> 32
+            g_pos[sorted_slot[idx], rank] = chosen & _LOW32
+        top_n, c = self.top_n, self.context
+        e, width = top_n + q * s, 2 * c + 1
+        ex_doc = torch.cat([self.top_d, g_doc.view(n, q * s)], 1)
+        ex_pos = torch.cat([self.top_p, g_pos.view(n, q * s)], 1)
+        ex_group = torch.cat([torch.full((n, top_n), _TOP, dtype=torch.int64),
+                              torch.arange(q).repeat_interleave(s).expand(n, -1)], 1).clone()
+        ex_group[ex_doc < 0] = _NONE
+        used = ex_doc.view(-1) >= 0
+        q_key = torch.arange(n).repeat_interleave(e)[used]
+        tokens = torch.full((n * e, width), -1, dtype=torch.int64)
+        acts = torch.zeros((n * e, width), dtype=torch.float32)
+        tokens[used], acts[used] = _windows(blocks, q_key, ex_doc.view(-1)[used], ex_pos.view(-1)[used], self.m, c)
+        tokens, acts = tokens.view(n, e, width), acts.view(n, e, width)
+        ex_val = torch.cat([self.top_v, acts[:, top_n:, c]], 1)  # a sample's value: its window's centre
+        ex_val[ex_doc < 0] = 0.0
+        base = self.result(tokens[:, :top_n].contiguous())
+        shape = (len(self.layers), self.m)
+        scale = torch.where(self.exp != _NO_SCALE, torch.pow(2.0, self.exp.clamp(-1000, 1000).double()),
+                            torch.zeros((), dtype=torch.float64))
+        tensors = {"hist": hist.view(*shape, bins), "hist_top": scale.view(shape),
+                   "quantile_edges": edges.view(*shape, q + 1),
+                   "example_group": ex_group.view(*shape, e), "example_value": ex_val.view(*shape, e),
+                   "example_document": ex_doc.view(*shape, e), "example_position": ex_pos.view(*shape, e),
+                   "example_tokens": tokens.view(*shape, e, width), "example_acts": acts.view(*shape, e, width),
+                   "truncated": self.truncated, "max_l0": self.max_l0, "recorded_k": torch.tensor([self.recorded_k])}
+        return DashboardStats(base, bins, q, s, tensors)
+
+
+def _locate(rows_of: tuple, d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``row * T + t`` of each (document, position) in a block (-1 where the block does not hold it)."""
+    row_key, documents, offsets, mask, t_len = rows_of
+    r = (torch.searchsorted(row_key, d * _STRIDE + p.clamp_min(0), right=True) - 1).clamp_min(0)
+    t = p - offsets[r]
+    flat = r * t_len + t.clamp(0, t_len - 1)
+    ok = (p >= 0) & (documents[r] == d) & (t >= 0) & (t < t_len) & mask[flat]
+    return torch.where(ok, flat, -1)
+
+
+def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, m: int,
+             context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and the feature's activations [Q, 2c+1] around each query (key, document, position), -1 and
+    0 outside the document. Rows of each block come in (document, position) order; a window's positions
+    are found at ``row * T + t`` next to the query's own (checked), else by a search over the rows. The
+    activations: one search per query among the block's entries sorted by (key, row * T + t)."""
+    span = torch.arange(-context, context + 1)
+    width = span.numel()
+    tokens = torch.full((key.numel(), width), -1, dtype=torch.int64)
+    acts = torch.zeros((key.numel(), width), dtype=torch.float32)
+    for f, documents, offsets in blocks:
+        n_rows, t_len = f.mask.shape
+        if n_rows == 0:
+            continue
+        documents, offsets = documents.long(), offsets.long()
+        near = ((doc >= documents.min()) & (doc <= documents.max())).nonzero().squeeze(1)
+        if near.numel() == 0:
+            continue
+        mask = f.mask.bool().reshape(-1)
+        row_key = documents * _STRIDE + offsets
+        d, want = doc[near][:, None], pos[near][:, None] + span  # [q, W]
+
+        rows_of = (row_key, documents, offsets, mask, t_len)
+        centre = _locate(rows_of, d[:, 0], pos[near])
+        flat = (centre.clamp_min(0)[:, None] + span).clamp(0, n_rows * t_len - 1)
+        r = flat // t_len
+        ok = ((centre >= 0)[:, None] & (flat == centre.clamp_min(0)[:, None] + span) & (documents[r] == d)
+              & (offsets[r] + flat % t_len == want) & mask[flat] & (want >= 0))
+        flat = torch.where(ok, flat, -1)
+        slow = (~ok & (want >= 0)).nonzero(as_tuple=True)
+        if slow[0].numel():
+            flat[slow] = _locate(rows_of, d[slow[0], 0], want[slow])
+        has = flat >= 0
+        tokens[near] = torch.where(has, f.token_ids.reshape(-1)[flat.clamp_min(0)].long(), tokens[near])
+        # the block's entries sorted by (key, flat position); one per (key, position)
+        valid = (f.indices >= 0) & f.mask.bool()[:, :, None, None]
+        w, t, li, ki = valid.nonzero(as_tuple=True)
+        if w.numel() == 0:
+            continue
+        packed = ((li * m + f.indices[w, t, li, ki].long()) << 32) | (w * t_len + t)
+        order = torch.from_numpy(np.argsort(packed.numpy()))
+        packed, value = packed[order], f.values[w, t, li, ki].float()[order]
+        rows = has.any(1).nonzero().squeeze(1)
+        fl, hs, k = flat[rows], has[rows], key[near[rows]]
+        lo = torch.where(hs, fl, torch.iinfo(torch.int64).max).amin(1)
+        hi = fl.amax(1)
+        start = torch.searchsorted(packed, (k << 32) | lo)
+        cand = (start[:, None] + torch.arange(width)).clamp_max(packed.numel() - 1)
+        cp = packed[cand]
+        c_flat = cp & _LOW32
+        filled = torch.where(hs, fl, -1).cummax(1).values
+        j = torch.searchsorted(filled, c_flat).clamp_max(width - 1)  # the first slot at c_flat
+        hit = ((cp >> 32) == k[:, None]) & (c_flat <= hi[:, None]) & (fl.gather(1, j) == c_flat)
+        out = acts[near[rows]]
+        out[hit.nonzero(as_tuple=True)[0], j[hit]] = value[cand[hit]]
+        acts[near[rows]] = torch.where(hs, out, acts[near[rows]])
+    return tokens, acts
+
+
+def dashboard_stats(
+    source: str | os.PathLike[str] | Features,
+    *,
+    top_n: int = 10,
+    context: int = 8,
+    bins: int = 32,
+    quantiles: int = 5,
+    samples: int = 3,
+    save: bool = True,
+) -> DashboardStats:
+    """Dashboard statistics, with the base :func:`~sparse_clt_hf.feature_stats.feature_stats` as
+    ``.base``, of an extraction folder (streamed, read twice like ``feature_stats``; saved as
+    ``DIR/stats.safetensors`` and ``DIR/dashboard.safetensors`` when ``save``) or of in-memory Features
+    with ``token_ids`` (rows are documents)."""
+    for name, v, lo in (("top_n", top_n, 1), ("context", context, 0), ("bins", bins, 1),
+                        ("quantiles", quantiles, 1), ("samples", samples, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise FeatureStatsError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if isinstance(source, Features):
+        if source.token_ids is None:
+            raise FeatureStatsError("these Features have no token_ids, so examples cannot be shown; "
+                                    "record them with a forward pass given input_ids")
+        if not source.n_features:
+            raise FeatureStatsError("these Features have no n_features (layer widths)")
+        rows = torch.arange(source.batch_size)
+        zeros = torch.zeros(source.batch_size, dtype=torch.int64)
+        acc = DashboardAccumulator(source.layers, source.n_features, top_n, context, bins, quantiles, samples)
+        acc.update(source, rows, zeros)
+        return acc.finish([(source, rows, zeros)])
+
+    from ..extract_folder import read_manifest
+    from ..extracted import iter_extracted
+
+    directory = Path(source)
+    manifest = read_manifest(directory)
+    acc = DashboardAccumulator(manifest["layers"], manifest["n_features"], top_n, context, bins, quantiles, samples)
+    for shard in iter_extracted(directory):
+        acc.update(shard.features, shard.documents, shard.offsets)
+
+    def shards() -> Iterator[Block]:
+        for s in iter_extracted(directory):
+            yield s.features, s.documents, s.offsets
+
+    stats = acc.finish(shards())
+    if save:
+        stats.base.save(directory / STATS_FILE)
+        stats.save(directory / DASHBOARD_FILE)
+    return stats
