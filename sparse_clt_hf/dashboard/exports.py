@@ -151,7 +151,7 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
             for f in range(start, min(start + batch_size, m)):
                 examples, bounds, shares, lt, lb = _feature_parts(stats, layer, f, logits)
                 vocab = _decode_all(tokenizer, {t for e in examples for t in e.token_ids} | set(lt[0]) | set(lb[0]))
-                step = mx[f] / stats.bins if mx[f] > 0 else 0.0
+                edges = stats.bin_edges(layer, f).tolist()
                 features.append({
                     "modelId": model_id, "layer": source_id, "index": str(f), "creatorId": None, "createdAt": created,
                     "maxActApprox": float(mx[f]), "hasVector": False, "vector": [], "vectorLabel": None,
@@ -165,7 +165,7 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
                     "neg_str": [vocab[i] for i in lb[0]], "neg_values": [float(v) for v in lb[1]],
                     "frac_nonzero": count[f] / max(base.n_positions, 1),
                     "freq_hist_data_bar_heights": [float(c) for c in stats.histogram(layer, f).tolist()],
-                    "freq_hist_data_bar_values": [(i + 0.5) * step for i in range(stats.bins)],
+                    "freq_hist_data_bar_values": [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])],
                     "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
                     "decoder_weights_dist": [],
                 })
