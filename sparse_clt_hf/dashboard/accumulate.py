@@ -32,31 +32,40 @@ from .stats import _EMPTY, _NONE, _STRIDE, _TOP, DASHBOARD_FILE, DashboardStats,
 
 _NO_SCALE = -(1 << 16)  # scale exponent of a feature with no positive activation yet (all in bin 0)
 _LOW32 = (1 << 32) - 1
+_ENTRY_BITS = 38  # a block's slots are indexed below 2**38; keys (layer * M + feature) below 2**25
 Block = tuple[Features, torch.Tensor, torch.Tensor]  # features, document of each row, offset of each row
 
 
-def _order(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
-    """Indices sorting entries by (slot, priority, place); slot < 2**32 and priority < 2**31 pack into
-    one int64, sorted by numpy (much faster than a stable torch sort); only hash ties need the place."""
-    packed = ((slot << 31) | prio).numpy()
-    order = np.argsort(packed)
-    s = packed[order]
-    if s.size > 1 and bool((s[1:] == s[:-1]).any()):
-        order = np.lexsort((place.numpy(), prio.numpy(), slot.numpy()))
-    return torch.from_numpy(order)
+def _runs(sorted_slot: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry in its run of equal (sorted) slots."""
+    i = torch.arange(sorted_slot.numel())
+    start = torch.ones_like(sorted_slot, dtype=torch.bool)
+    start[1:] = sorted_slot[1:] != sorted_slot[:-1]
+    return i - torch.where(start, i, 0).cummax(0).values
 
 
-def _first(sorted_slot: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the first ``n`` entries of every run of equal slots, and their rank in the run."""
-    keep = torch.ones(sorted_slot.numel(), dtype=torch.bool)
-    if sorted_slot.numel() > n:
-        keep[n:] = sorted_slot[n:] != sorted_slot[:-n]
-    idx = keep.nonzero().squeeze(1)
-    rank = torch.zeros(idx.numel(), dtype=torch.int64)
-    for j in range(1, n):
-        back = (idx - j).clamp_min(0)
-        rank += ((idx >= j) & (sorted_slot[back] == sorted_slot[idx])).long()
-    return idx, rank
+def _lowest(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, n: int):
+    """The ``n`` entries of smallest (priority, place) in every slot: their indices, slots and ranks.
+
+    slot < 2**32 and priority < 2**31 pack into one int64. Sorting the packed values alone (numpy, fast)
+    gives each slot's n-th smallest; the entries at or below it (about n per slot) are then ordered with
+    their indices -- by place too where a slot holds equal priorities (a hash tie, rare)."""
+    packed = (slot << 31) | prio
+    values = torch.from_numpy(np.sort(packed.numpy()))
+    rank = _runs(values >> 31)
+    last = torch.full((int(slot.max()) + 1,), _EMPTY, dtype=torch.int64)
+    nth = rank == n - 1
+    last[values[nth] >> 31] = values[nth]
+    cand = (packed <= last[slot]).nonzero().squeeze(1)
+    c_packed = packed[cand].numpy()
+    order = np.argsort(c_packed)
+    ordered = c_packed[order]
+    if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        order = np.lexsort((place[cand].numpy(), prio[cand].numpy(), slot[cand].numpy()))
+    idx = cand[torch.from_numpy(order)]
+    rank = _runs(slot[idx])
+    keep = rank < n
+    return idx[keep], slot[idx][keep], rank[keep]
 
 
 class DashboardAccumulator(_Accumulator):
@@ -133,13 +142,10 @@ class DashboardAccumulator(_Accumulator):
         kept = p != _EMPTY
         slot = torch.cat([rows[:, None].expand(-1, s)[kept], slot])
         prio, place = torch.cat([p[kept], prio]), torch.cat([pl[kept], place])
-        order = _order(slot, prio, place)
-        sorted_slot = slot[order]
-        idx, rank = _first(sorted_slot, s)
-        sel = order[idx]
+        sel, to, rank = _lowest(slot, prio, place, s)
         self.s_prio[rows], self.s_place[rows] = _EMPTY, -1
-        self.s_prio[sorted_slot[idx], rank] = prio[sel]
-        self.s_place[sorted_slot[idx], rank] = place[sel]
+        self.s_prio[to, rank] = prio[sel]
+        self.s_place[to, rank] = place[sel]
 
     def finish(self, blocks: Iterable[Block]) -> DashboardStats:  # type: ignore[override]
         n, bins, q, s = self.hist.shape[0], self.bins, self.quantiles, self.samples
@@ -154,17 +160,14 @@ class DashboardAccumulator(_Accumulator):
         # each group's samples: the S smallest among the kept samples of its bins
         g_doc = torch.full((n * q, s), -1, dtype=torch.int64)
         g_pos = torch.full((n * q, s), -1, dtype=torch.int64)
-        if s:
+        if s and self.hist.any():
             kept = self.s_prio.view(n, bins, s) != _EMPTY
             key, b, _ = kept.nonzero(as_tuple=True)
             prio, place = self.s_prio.view(n, bins, s)[kept], self.s_place.view(n, bins, s)[kept]
             gslot = key * q + (edges[key, 1:q] <= b[:, None]).sum(1)
-            order = _order(gslot, prio, place)
-            sorted_slot = gslot[order]
-            idx, rank = _first(sorted_slot, s)
-            chosen = place[order[idx]]
-            g_doc[sorted_slot[idx], rank] = chosen >> 32
-            g_pos[sorted_slot[idx], rank] = chosen & _LOW32
+            sel, to, rank = _lowest(gslot, prio, place, s)
+            g_doc[to, rank] = place[sel] >> 32
+            g_pos[to, rank] = place[sel] & _LOW32
         top_n, c = self.top_n, self.context
         e, width = top_n + q * s, 2 * c + 1
         ex_doc = torch.cat([self.top_d, g_doc.view(n, q * s)], 1)
@@ -206,59 +209,69 @@ def _locate(rows_of: tuple, d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, m: int,
              context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and the feature's activations [Q, 2c+1] around each query (key, document, position), -1 and
-    0 outside the document. Rows of each block come in (document, position) order; a window's positions
-    are found at ``row * T + t`` next to the query's own (checked), else by a search over the rows. The
-    activations: one search per query among the block's entries sorted by (key, row * T + t)."""
+    0 outside the document. Rows of each block come in (document, position) order: a window's positions
+    are read from the query's own row, those outside it (a document continued in the next row or block)
+    found by a search over the rows. The activations: one search per query among the block's entries,
+    sorted as packed ``key << 38 | entry`` values (``entry`` its flat index in the block's slots)."""
     span = torch.arange(-context, context + 1)
     width = span.numel()
     tokens = torch.full((key.numel(), width), -1, dtype=torch.int64)
     acts = torch.zeros((key.numel(), width), dtype=torch.float32)
     for f, documents, offsets in blocks:
-        n_rows, t_len = f.mask.shape
+        n_rows, t_len, n_layers, k = f.indices.shape
         if n_rows == 0:
             continue
+        if n_rows * t_len * n_layers * k >= 1 << _ENTRY_BITS or n_layers * m >= 1 << (63 - _ENTRY_BITS):
+            raise FeatureStatsError(f"a block of {n_rows} x {t_len} x {n_layers} x {k} slots and {n_layers} x {m} "
+                                    "features is too large to index; use smaller shards")
         documents, offsets = documents.long(), offsets.long()
         near = ((doc >= documents.min()) & (doc <= documents.max())).nonzero().squeeze(1)
         if near.numel() == 0:
             continue
         mask = f.mask.bool().reshape(-1)
-        row_key = documents * _STRIDE + offsets
-        d, want = doc[near][:, None], pos[near][:, None] + span  # [q, W]
-
-        rows_of = (row_key, documents, offsets, mask, t_len)
-        centre = _locate(rows_of, d[:, 0], pos[near])
-        flat = (centre.clamp_min(0)[:, None] + span).clamp(0, n_rows * t_len - 1)
-        r = flat // t_len
-        ok = ((centre >= 0)[:, None] & (flat == centre.clamp_min(0)[:, None] + span) & (documents[r] == d)
-              & (offsets[r] + flat % t_len == want) & mask[flat] & (want >= 0))
-        flat = torch.where(ok, flat, -1)
-        slow = (~ok & (want >= 0)).nonzero(as_tuple=True)
+        rows_of = (documents * _STRIDE + offsets, documents, offsets, mask, t_len)
+        q_pos = pos[near]
+        centre = _locate(rows_of, doc[near], q_pos)
+        tj = (centre % t_len)[:, None] + span
+        in_row = (centre >= 0)[:, None] & (tj >= 0) & (tj < t_len)
+        flat = torch.where(in_row, centre[:, None] + span, 0)
+        flat = torch.where(in_row & mask[flat], flat, -1)
+        want = q_pos[:, None] + span
+        slow = (~in_row & (want >= 0)).nonzero(as_tuple=True)
         if slow[0].numel():
-            flat[slow] = _locate(rows_of, d[slow[0], 0], want[slow])
-        has = flat >= 0
-        tokens[near] = torch.where(has, f.token_ids.reshape(-1)[flat.clamp_min(0)].long(), tokens[near])
-        # the block's entries sorted by (key, flat position); one per (key, position)
+            flat[slow] = _locate(rows_of, doc[near][slow[0]], want[slow])
+        found = flat >= 0
+        tokens[near] = torch.where(found, f.token_ids.reshape(-1)[flat.clamp_min(0)].long(), tokens[near])
+        # activations: the entries of each query's key at its window's positions
+        per_pos = n_layers * k
         valid = (f.indices >= 0) & f.mask.bool()[:, :, None, None]
-        w, t, li, ki = valid.nonzero(as_tuple=True)
-        if w.numel() == 0:
+        entry = valid.reshape(-1).nonzero().squeeze(1)
+        if entry.numel() == 0:
             continue
-        packed = ((li * m + f.indices[w, t, li, ki].long()) << 32) | (w * t_len + t)
-        order = torch.from_numpy(np.argsort(packed.numpy()))
-        packed, value = packed[order], f.values[w, t, li, ki].float()[order]
-        rows = has.any(1).nonzero().squeeze(1)
-        fl, hs, k = flat[rows], has[rows], key[near[rows]]
-        lo = torch.where(hs, fl, torch.iinfo(torch.int64).max).amin(1)
-        hi = fl.amax(1)
-        start = torch.searchsorted(packed, (k << 32) | lo)
+        layer = entry // k % n_layers
+        packed = ((layer * m + f.indices.reshape(-1)[entry].long()) << _ENTRY_BITS) | entry
+        packed = torch.from_numpy(np.sort(packed.numpy()))
+        rows = found.any(1).nonzero().squeeze(1)
+        fl, kk = flat[rows], key[near[rows]]
+        lo = torch.where(fl >= 0, fl, torch.iinfo(torch.int64).max).amin(1)
+        needle = ((kk << _ENTRY_BITS) | lo * per_pos).numpy()
+        by = np.argsort(needle)
+        start = torch.empty(rows.numel(), dtype=torch.int64)
+        start[torch.from_numpy(by)] = torch.from_numpy(np.searchsorted(packed.numpy(), needle[by]))
         cand = (start[:, None] + torch.arange(width)).clamp_max(packed.numel() - 1)
         cp = packed[cand]
-        c_flat = cp & _LOW32
-        filled = torch.where(hs, fl, -1).cummax(1).values
-        j = torch.searchsorted(filled, c_flat).clamp_max(width - 1)  # the first slot at c_flat
-        hit = ((cp >> 32) == k[:, None]) & (c_flat <= hi[:, None]) & (fl.gather(1, j) == c_flat)
-        out = acts[near[rows]]
-        out[hit.nonzero(as_tuple=True)[0], j[hit]] = value[cand[hit]]
-        acts[near[rows]] = torch.where(hs, out, acts[near[rows]])
+        c_entry = cp & ((1 << _ENTRY_BITS) - 1)
+        c_flat = c_entry // per_pos
+        # the window slot of each candidate: next to the centre, or searched where the window leaves its row
+        j = c_flat - centre[rows][:, None] + context
+        odd = (~in_row[rows] & (fl >= 0)).any(1).nonzero().squeeze(1)
+        if odd.numel():
+            filled = fl[odd].cummax(1).values
+            j[odd] = torch.searchsorted(filled, c_flat[odd])
+        j = j.clamp(0, width - 1)
+        hit = ((cp >> _ENTRY_BITS) == kk[:, None]) & (fl.gather(1, j) == c_flat)
+        r_hit, c_hit = hit.nonzero(as_tuple=True)
+        acts[near[rows[r_hit]], j[r_hit, c_hit]] = f.values.reshape(-1)[c_entry[r_hit, c_hit]].float()
     return tokens, acts
 
 

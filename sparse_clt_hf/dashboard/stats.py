@@ -53,7 +53,7 @@ FORMAT = "sparse-clt-hf-dashboard-stats"
 VERSION = 2  # 2: power-of-two histogram scale (hist_top)
 DASHBOARD_FILE = "dashboard.safetensors"
 _STRIDE = 1 << 32  # document * stride + position
-_P = (1 << 31) - 1  # hash modulus (products stay below 2**62)
+_M32 = (1 << 32) - 1
 _EMPTY = torch.iinfo(torch.int64).max
 _TOP, _NONE = -1, -2
 
@@ -71,14 +71,20 @@ class Example:
     index: int = 0  # index in token_ids of the example's token
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2**32) that scatters nearby inputs (an xorshift-multiply integer hash)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
 def priority(documents: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Deterministic pseudo-random int64 in [0, 2**31 - 1) of (document, position, feature key): the
-    sample keeps the smallest (a uniform sample without replacement, mergeable across shards)."""
-    h = (documents % _P) * 1_103_515_245 % _P
-    h = (h + (positions % _P) * 1_597_334_677 % _P) % _P
-    h = (h + (keys % _P) * 40_503 % _P) % _P
-    h = h * 48_271 % _P
-    return h * 16_807 % _P
+    """Deterministic pseudo-random int64 in [0, 2**31) of (document, position, feature key): the sample
+    keeps the smallest (a uniform sample without replacement, mergeable across shards). Non-linear, so
+    that one feature's positions do not collide in structured ways (documents < 2**31, positions and
+    keys < 2**32)."""
+    h = _mix32((documents * 0x9E3779B1 + keys) & _M32)  # distinct documents of a key stay distinct
+    return _mix32(h ^ (positions & _M32)) >> 1
 
 
 def density_histogram(stats: FeatureStats, layer: int, bins: int = 40, low: float = -7.0) -> dict:
