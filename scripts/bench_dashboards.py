@@ -24,15 +24,18 @@ from sparse_clt_hf.feature_stats import feature_stats
 
 
 def synthetic(rows: int, seq: int, widths: list[int], k: int, seed: int = 0) -> Features:
-    """Top-k features with a heavy-tailed feature frequency (Zipf-like) and exponential activations."""
+    """Top-k features with a heavy-tailed feature frequency (Zipf-like) and exponential activations; the
+    k features of a position are distinct, as in an extraction (Gumbel top-k: sampling without
+    replacement)."""
     g = torch.Generator().manual_seed(seed)
     n_layers = len(widths)
     idx = torch.empty(rows, seq, n_layers, k, dtype=torch.int32)
     for li, m in enumerate(widths):
-        weights = 1.0 / torch.arange(1, m + 1, dtype=torch.float64) ** 0.8
+        log_w = -0.8 * torch.arange(1, m + 1, dtype=torch.float64).log()
         perm = torch.randperm(m, generator=g)
         for r in range(rows):
-            choice = torch.multinomial(weights[: m], seq * k, replacement=True, generator=g).view(seq, k)
+            gumbel = -(-torch.rand(seq, m, generator=g, dtype=torch.float64).clamp_min(1e-300).log()).log()
+            choice = (log_w + gumbel).topk(k, dim=1).indices
             idx[r, :, li] = perm[choice].int()
     values = torch.empty(rows, seq, n_layers, k).exponential_(generator=g).sort(-1, descending=True).values
     l0 = torch.full((rows, seq, n_layers), k)

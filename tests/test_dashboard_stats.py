@@ -192,9 +192,8 @@ def test_files_that_do_not_belong_together_are_refused(tmp_path):
 
 
 def test_priorities_of_one_feature_rarely_tie():
-    """The sample is uniform only if priorities behave like random numbers: over a 256 x 256 grid of
-    (document, position) of one feature, ties are as rare as for random 31-bit values (a linear hash
-    collides in structured ways)."""
+    """Priorities behave like random 31-bit numbers: over a 256 x 256 grid of (document, position) of
+    one feature, ties are as rare as for random values (ties fall back to a slower exact order)."""
     d, p = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
     prio = priority(d.reshape(-1), p.reshape(-1), torch.full((256 * 256,), 7))
     assert prio.min() >= 0 and prio.max() < 2**31

@@ -209,10 +209,10 @@ def _locate(rows_of: tuple, d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, m: int,
              context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and the feature's activations [Q, 2c+1] around each query (key, document, position), -1 and
-    0 outside the document. Rows of each block come in (document, position) order: a window's positions
-    are read from the query's own row, those outside it (a document continued in the next row or block)
-    found by a search over the rows. The activations: one search per query among the block's entries,
-    sorted as packed ``key << 38 | entry`` values (``entry`` its flat index in the block's slots)."""
+    0 outside the document. Rows of each block come in (document, position) order: a window is read from
+    the query's own row; its positions outside that row (a document continued in the next row or block)
+    are searched over the rows. Activations: the block's entries sorted as packed
+    ``key << 38 | slot index`` values; each window's entries of its key are one contiguous run."""
     span = torch.arange(-context, context + 1)
     width = span.numel()
     tokens = torch.full((key.numel(), width), -1, dtype=torch.int64)
@@ -221,58 +221,67 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
         n_rows, t_len, n_layers, k = f.indices.shape
         if n_rows == 0:
             continue
-        if n_rows * t_len * n_layers * k >= 1 << _ENTRY_BITS or n_layers * m >= 1 << (63 - _ENTRY_BITS):
+        if n_rows * t_len * n_layers * k >= 1 << _ENTRY_BITS or n_layers * m >= 1 << (62 - _ENTRY_BITS):
             raise FeatureStatsError(f"a block of {n_rows} x {t_len} x {n_layers} x {k} slots and {n_layers} x {m} "
                                     "features is too large to index; use smaller shards")
         documents, offsets = documents.long(), offsets.long()
         near = ((doc >= documents.min()) & (doc <= documents.max())).nonzero().squeeze(1)
         if near.numel() == 0:
             continue
-        mask = f.mask.bool().reshape(-1)
-        rows_of = (documents * _STRIDE + offsets, documents, offsets, mask, t_len)
-        q_pos = pos[near]
-        centre = _locate(rows_of, doc[near], q_pos)
-        tj = (centre % t_len)[:, None] + span
-        in_row = (centre >= 0)[:, None] & (tj >= 0) & (tj < t_len)
-        flat = torch.where(in_row, centre[:, None] + span, 0)
-        flat = torch.where(in_row & mask[flat], flat, -1)
-        want = q_pos[:, None] + span
-        slow = (~in_row & (want >= 0)).nonzero(as_tuple=True)
-        if slow[0].numel():
-            flat[slow] = _locate(rows_of, doc[near][slow[0]], want[slow])
-        found = flat >= 0
-        tokens[near] = torch.where(found, f.token_ids.reshape(-1)[flat.clamp_min(0)].long(), tokens[near])
-        # activations: the entries of each query's key at its window's positions
+        mask = f.mask.bool()
+        rows_of = (documents * _STRIDE + offsets, documents, offsets, mask.reshape(-1), t_len)
+        centre = _locate(rows_of, doc[near], pos[near])
+        inside = (centre >= 0).nonzero().squeeze(1)
+        c_in, q_in = centre[inside], near[inside]
+        r, t = c_in // t_len, c_in % t_len
+        tok = torch.where(mask, f.token_ids.long(), -1)
+        win = torch.nn.functional.pad(tok, (context, context), value=-1).unfold(1, width, 1)[r, t]
+        tokens[q_in] = torch.where(win >= 0, win, tokens[q_in])  # keep what another block found
+        # the block's entries, sorted by (key, position)
         per_pos = n_layers * k
-        valid = (f.indices >= 0) & f.mask.bool()[:, :, None, None]
+        valid = (f.indices >= 0) & mask[:, :, None, None]
         entry = valid.reshape(-1).nonzero().squeeze(1)
-        if entry.numel() == 0:
+        packed = ((entry // k % n_layers * m + f.indices.reshape(-1)[entry].long()) << _ENTRY_BITS) | entry
+        packed = np.sort(packed.numpy())
+        low = (1 << _ENTRY_BITS) - 1
+        # in-row windows: the run of the key's entries between the window's first and last position
+        row0 = r * t_len
+        first = row0 + (t - context).clamp_min(0)
+        last = row0 + (t + context).clamp_max(t_len - 1)
+        kk = key[q_in] << _ENTRY_BITS
+        start = _search(packed, kk | first * per_pos)
+        count = _search(packed, kk | (last + 1) * per_pos) - start
+        which = torch.repeat_interleave(torch.arange(q_in.numel()), count)
+        at = start[which] + torch.arange(which.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        e = torch.from_numpy(packed)[at] & low
+        acts[q_in[which], e // per_pos - c_in[which] + context] = f.values.reshape(-1)[e].float()
+        # positions outside the query's row (or queries of this block's documents held elsewhere)
+        want = pos[near][:, None] + span
+        t_all = torch.full_like(centre, -1)
+        t_all[inside] = t
+        out_row = (centre < 0)[:, None] | (t_all[:, None] + span < 0) | (t_all[:, None] + span >= t_len)
+        qs, js = (out_row & (want >= 0)).nonzero(as_tuple=True)
+        if qs.numel() == 0:
             continue
-        layer = entry // k % n_layers
-        packed = ((layer * m + f.indices.reshape(-1)[entry].long()) << _ENTRY_BITS) | entry
-        packed = torch.from_numpy(np.sort(packed.numpy()))
-        rows = found.any(1).nonzero().squeeze(1)
-        fl, kk = flat[rows], key[near[rows]]
-        lo = torch.where(fl >= 0, fl, torch.iinfo(torch.int64).max).amin(1)
-        needle = ((kk << _ENTRY_BITS) | lo * per_pos).numpy()
-        by = np.argsort(needle)
-        start = torch.empty(rows.numel(), dtype=torch.int64)
-        start[torch.from_numpy(by)] = torch.from_numpy(np.searchsorted(packed.numpy(), needle[by]))
-        cand = (start[:, None] + torch.arange(width)).clamp_max(packed.numel() - 1)
-        cp = packed[cand]
-        c_entry = cp & ((1 << _ENTRY_BITS) - 1)
-        c_flat = c_entry // per_pos
-        # the window slot of each candidate: next to the centre, or searched where the window leaves its row
-        j = c_flat - centre[rows][:, None] + context
-        odd = (~in_row[rows] & (fl >= 0)).any(1).nonzero().squeeze(1)
-        if odd.numel():
-            filled = fl[odd].cummax(1).values
-            j[odd] = torch.searchsorted(filled, c_flat[odd])
-        j = j.clamp(0, width - 1)
-        hit = ((cp >> _ENTRY_BITS) == kk[:, None]) & (fl.gather(1, j) == c_flat)
-        r_hit, c_hit = hit.nonzero(as_tuple=True)
-        acts[near[rows[r_hit]], j[r_hit, c_hit]] = f.values.reshape(-1)[c_entry[r_hit, c_hit]].float()
+        flat = _locate(rows_of, doc[near][qs], want[qs, js])
+        ok = flat >= 0
+        qs, js, flat = near[qs[ok]], js[ok], flat[ok]
+        tokens[qs, js] = tok.reshape(-1)[flat]
+        needle = (key[qs] << _ENTRY_BITS) | flat * per_pos
+        start = _search(packed, needle).clamp_max(max(packed.size - 1, 0))
+        got = torch.from_numpy(packed)[start] if packed.size else needle - needle - 1
+        hit = (got >> _ENTRY_BITS == key[qs]) & ((got & low) // per_pos == flat)
+        acts[qs[hit], js[hit]] = f.values.reshape(-1)[got[hit] & low].float()
     return tokens, acts
+
+
+def _search(sorted_values: np.ndarray, needles: torch.Tensor) -> torch.Tensor:
+    """``searchsorted`` (left) of ``needles`` in ``sorted_values``; numpy walks sorted needles fastest."""
+    n = needles.numpy()
+    by = np.argsort(n)
+    out = torch.empty(n.size, dtype=torch.int64)
+    out[torch.from_numpy(by)] = torch.from_numpy(np.searchsorted(sorted_values, n[by]))
+    return out
 
 
 def dashboard_stats(
