@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import SparseCLTError
@@ -190,6 +191,27 @@ def _checked_stats(path: Path, meta: dict[str, str], t: dict[str, torch.Tensor])
 
 
 # ---------------------------------------------------------------------------- computation
+def run_rank(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry in its run of equal values of ``sorted_keys``."""
+    i = torch.arange(sorted_keys.numel())
+    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return i - torch.where(start, i, 0).cummax(0).values
+
+
+def _top_candidates(key: torch.Tensor, act: torch.Tensor, n: int, kept_nth: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the entries that can be among their key's ``n`` strongest: at or above the
+    key's n-th strongest activation of the block (ties included) and above ``kept_nth`` [keys]."""
+    bits = (act + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered like the floats
+    packed = (key << 32) | ((1 << 31) - 1 - bits)  # ascending: key, then activation descending
+    values = torch.from_numpy(np.sort(packed.numpy()))
+    nth = run_rank(values >> 32) == n - 1
+    bound = torch.full_like(kept_nth, torch.iinfo(torch.int64).max, dtype=torch.int64)
+    bound[values[nth] >> 32] = values[nth]
+    return ((packed <= bound[key]) & (act > kept_nth[key])).nonzero().squeeze(1)
+
+
 class _Accumulator:
     """Running per-(layer, feature) statistics, updated one block of rows at a time."""
 
@@ -227,6 +249,12 @@ class _Accumulator:
         self.count += torch.bincount(key, minlength=self.count.numel())
         self.sum.index_add_(0, key, act.double())
         self.max.scatter_reduce_(0, key, act, reduce="amax")
+        # only entries at or above their key's n-th strongest of this block, and above the n-th kept one
+        # (kept ones win ties), can enter: found by sorting packed (key, activation) values alone
+        cand = _top_candidates(key, act, self.top_n, self.top_v[:, -1])
+        key, act, doc, pos = key[cand], act[cand], doc[cand], pos[cand]
+        if key.numel() == 0:
+            return
         # top-n candidates per key: order by key, activation descending, then (document, position)
         # (nonzero() yields rows in order, so stable sorts keep the earliest first among ties)
         o1 = act.sort(descending=True, stable=True).indices

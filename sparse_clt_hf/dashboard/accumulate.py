@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..feature_stats import STATS_FILE, FeatureStatsError, _Accumulator
+from ..feature_stats import STATS_FILE, FeatureStatsError, _Accumulator, run_rank
 from ..features import Features
 from .stats import _EMPTY, _NONE, _STRIDE, _TOP, DASHBOARD_FILE, DashboardStats, priority
 
@@ -34,14 +34,6 @@ _NO_SCALE = -(1 << 16)  # scale exponent of a feature with no positive activatio
 _LOW32 = (1 << 32) - 1
 _ENTRY_BITS = 38  # a block's slots are indexed below 2**38; keys (layer * M + feature) below 2**25
 Block = tuple[Features, torch.Tensor, torch.Tensor]  # features, document of each row, offset of each row
-
-
-def _runs(sorted_slot: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry in its run of equal (sorted) slots."""
-    i = torch.arange(sorted_slot.numel())
-    start = torch.ones_like(sorted_slot, dtype=torch.bool)
-    start[1:] = sorted_slot[1:] != sorted_slot[:-1]
-    return i - torch.where(start, i, 0).cummax(0).values
 
 
 def _lowest(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, n: int):
@@ -52,7 +44,7 @@ def _lowest(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, n: int)
     their indices -- by place too where a slot holds equal priorities (a hash tie, rare)."""
     packed = (slot << 31) | prio
     values = torch.from_numpy(np.sort(packed.numpy()))
-    rank = _runs(values >> 31)
+    rank = run_rank(values >> 31)
     last = torch.full((int(slot.max()) + 1,), _EMPTY, dtype=torch.int64)
     nth = rank == n - 1
     last[values[nth] >> 31] = values[nth]
@@ -63,7 +55,7 @@ def _lowest(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, n: int)
     if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
         order = np.lexsort((place[cand].numpy(), prio[cand].numpy(), slot[cand].numpy()))
     idx = cand[torch.from_numpy(order)]
-    rank = _runs(slot[idx])
+    rank = run_rank(slot[idx])
     keep = rank < n
     return idx[keep], slot[idx][keep], rank[keep]
 
