@@ -73,6 +73,7 @@ class DashboardAccumulator(_Accumulator):
         self.hist = torch.zeros((n, bins), dtype=torch.int64)
         self.s_prio = torch.full((n * bins, samples), _EMPTY, dtype=torch.int64)
         self.s_place = torch.full((n * bins, samples), -1, dtype=torch.int64)
+        self.sampled = False
         self.truncated = torch.zeros(len(self.layers), dtype=torch.int64)
         self.max_l0 = torch.zeros(len(self.layers), dtype=torch.int64)
         self.recorded_k = 0
@@ -121,8 +122,10 @@ class DashboardAccumulator(_Accumulator):
         """Keep per slot the ``S`` smallest (priority, place); kept entries come from earlier rows, so a
         new entry enters only below the slot's S-th kept priority."""
         s = self.samples
-        ok = prio < self.s_prio[slot, s - 1]
-        slot, prio, place = slot[ok], prio[ok], place[ok]
+        if self.sampled:  # (the first block has nothing kept to compare with)
+            ok = prio < self.s_prio[slot, s - 1]
+            slot, prio, place = slot[ok], prio[ok], place[ok]
+        self.sampled = True
         if folded is not None:
             slot, prio, place = torch.cat([folded[0], slot]), torch.cat([folded[1], prio]), torch.cat([folded[2], place])
         if slot.numel() == 0:
