@@ -88,8 +88,12 @@ class DashboardAccumulator(_Accumulator):
         if key.numel() == 0:
             return key, act, doc, pos
         folded = self._rescale()
-        scale = torch.pow(2.0, (-self.exp).clamp(-1000, 1000).double()) * self.bins  # exact: B * 2**-e
-        b = (act.double() * scale[key]).floor_().clamp_(0, self.bins - 1).long()
+        # a * B * 2**-e: exact in float64, and in float32 when B is a power of two (then a scaling only)
+        none = self.exp == _NO_SCALE  # nothing positive yet: every value in bin 0
+        exact32 = self.bins & (self.bins - 1) == 0 and bool((none | (self.exp.abs() < 100)).all())
+        scale = torch.where(none, 0.0, torch.pow(2.0, (-self.exp).clamp(-1000, 1000).double()) * self.bins)
+        x = act * scale.float()[key] if exact32 else act.double() * scale[key]
+        b = x.floor_().clamp_(0, self.bins - 1).long()
         slot = key * self.bins + b
         self.hist.view(-1).add_(torch.bincount(slot, minlength=self.hist.numel()))
         if self.samples:
@@ -122,10 +126,13 @@ class DashboardAccumulator(_Accumulator):
         """Keep per slot the ``S`` smallest (priority, place); kept entries come from earlier rows, so a
         new entry enters only below the slot's S-th kept priority."""
         s = self.samples
-        if self.sampled:  # (the first block has nothing kept to compare with)
-            ok = prio < self.s_prio[slot, s - 1]
-            slot, prio, place = slot[ok], prio[ok], place[ok]
-        self.sampled = True
+        if not self.sampled:  # the first block: nothing kept yet to compare or merge with
+            self.sampled = True
+            sel, to, rank = _lowest(slot, prio, place, s)
+            self.s_prio[to, rank], self.s_place[to, rank] = prio[sel], place[sel]
+            return
+        ok = prio < self.s_prio[slot, s - 1]
+        slot, prio, place = slot[ok], prio[ok], place[ok]
         if folded is not None:
             slot, prio, place = torch.cat([folded[0], slot]), torch.cat([folded[1], prio]), torch.cat([folded[2], place])
         if slot.numel() == 0:
