@@ -40,7 +40,7 @@ def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int
             h = hits.get((layer, f), [])
             mx = max((float(torch.tensor(a, dtype=torch.float32)) for a, _, _ in h), default=0.0)
             top = 2.0 ** (math.floor(math.log2(mx)) + 1) if mx > 0 else 0.0  # smallest power of two above max
-            while top / 2 > mx:  # guard log2 rounding
+            while mx > 0 and top / 2 > mx:  # guard log2 rounding
                 top /= 2
             while top <= mx and mx > 0:
                 top *= 2
@@ -198,3 +198,29 @@ def test_priorities_of_one_feature_rarely_tie():
     prio = priority(d.reshape(-1), p.reshape(-1), torch.full((256 * 256,), 7))
     assert prio.min() >= 0 and prio.max() < 2**31
     assert 256 * 256 - torch.unique(prio).numel() <= 10  # random: about 1 expected
+
+
+def test_blocks_with_a_growing_max_fold_bins_exactly():
+    """Streamed in blocks whose activations grow (the max passes several powers of two, so the bins and
+    their kept samples fold), with a feature that never fires positively: equal to the brute force."""
+    from sparse_clt_hf.dashboard.accumulate import DashboardAccumulator
+
+    feats = random_features(8)
+    feats.values[2:] *= 3.0
+    feats.values[4:] *= 7.0
+    feats.values[(feats.indices == 4) & (torch.arange(2) == 0)[None, None, :, None]] = -0.5  # layer 3, feature 4
+    rows = torch.arange(feats.batch_size)
+    zero = torch.zeros(feats.batch_size, dtype=torch.int64)
+
+    def block(a, b):
+        f = Features(feats.indices[a:b], feats.values[a:b], feats.l0[a:b], feats.mask[a:b], feats.layers,
+                     feats.token_ids[a:b], feats.n_features)
+        return f, rows[a:b], zero[a:b]
+
+    blocks = [block(0, 2), block(2, 4), block(4, 5)]
+    acc = DashboardAccumulator(feats.layers, feats.n_features, 3, 2, 8, 4, 2)
+    for b in blocks:
+        acc.update(*b)
+    ds = acc.finish(blocks)
+    assert float(ds.bin_edges(3, 4)[-1]) == 0.0 and ds.histogram(3, 4).sum() == ds.histogram(3, 4)[0]
+    assert_matches(ds, feats, 8, 4, 2, 2)
