@@ -2,15 +2,23 @@
 corpus (16,384 tokens = 128 rows of 128, 4 layers of 2048 features, k 32) and on one 16k-feature layer:
 
 - ``stats`` time vs ``stats --dashboard`` time, side by side in one run (median of --repeat, alternating);
-- site build time for 16,384 features (target: under a minute on CPU).
+  with ``--baseline DIR`` also the ``stats`` of another checkout (e.g. the main branch) in the same loop;
+- site build time for 16,384 features (target: under a minute on CPU);
+- ``--memory``: peak RSS of streaming dashboard statistics over 4 and 16 blocks of 16,384 tokens (each
+  block plays a shard; both passes), each size in a fresh process: flat in corpus size.
 
-Usage: ``python scripts/bench_dashboards.py [--repeat 3] [--json]``. Prints one line per measure."""
+Usage: ``python scripts/bench_dashboards.py [--repeat 3] [--baseline /path/to/checkout] [--memory] [--json]``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,21 +32,60 @@ from sparse_clt_hf.feature_stats import feature_stats
 
 
 def synthetic(rows: int, seq: int, widths: list[int], k: int, seed: int = 0) -> Features:
-    """Top-k features with a heavy-tailed feature frequency (Zipf-like) and exponential activations."""
+    """Top-k features with a heavy-tailed feature frequency (Zipf-like) and exponential activations; the
+    k features of a position are distinct, as in an extraction (Gumbel top-k: sampling without
+    replacement)."""
     g = torch.Generator().manual_seed(seed)
     n_layers = len(widths)
     idx = torch.empty(rows, seq, n_layers, k, dtype=torch.int32)
     for li, m in enumerate(widths):
-        weights = 1.0 / torch.arange(1, m + 1, dtype=torch.float64) ** 0.8
+        log_w = -0.8 * torch.arange(1, m + 1, dtype=torch.float64).log()
         perm = torch.randperm(m, generator=g)
         for r in range(rows):
-            choice = torch.multinomial(weights[: m], seq * k, replacement=True, generator=g).view(seq, k)
+            gumbel = -(-torch.rand(seq, m, generator=g, dtype=torch.float64).clamp_min(1e-300).log()).log()
+            choice = (log_w + gumbel).topk(k, dim=1).indices
             idx[r, :, li] = perm[choice].int()
     values = torch.empty(rows, seq, n_layers, k).exponential_(generator=g).sort(-1, descending=True).values
     l0 = torch.full((rows, seq, n_layers), k)
     mask = torch.ones(rows, seq, dtype=torch.bool)
     tokens = torch.randint(0, 49152, (rows, seq), generator=g)
     return Features(idx, values, l0, mask, list(range(n_layers)), tokens, list(widths))
+
+
+def baseline_stats(checkout: str):
+    """``feature_stats`` and ``Features`` of another checkout, imported under another package name."""
+    pkg = Path(checkout) / "sparse_clt_hf"
+    spec = importlib.util.spec_from_file_location("baseline_sparse_clt_hf", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_sparse_clt_hf"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("baseline_sparse_clt_hf.feature_stats").feature_stats, module.Features
+
+
+def stream_block(i: int, seq: int = 128, rows: int = 128, widths=(2048,) * 4, k: int = 32):
+    """Block ``i`` of a synthetic stream (documents ``i * rows ..``): distinct features per position."""
+    g = torch.Generator().manual_seed(1000 + i)
+    n_layers = len(widths)
+    base = torch.randint(0, widths[0], (rows, seq, n_layers, 1), generator=g)
+    idx = ((base + torch.arange(k) * 61) % widths[0]).int()
+    values = torch.empty(rows, seq, n_layers, k).exponential_(generator=g).sort(-1, descending=True).values
+    tokens = torch.randint(0, 49152, (rows, seq), generator=g)
+    feats = Features(idx, values, torch.full((rows, seq, n_layers), k), torch.ones(rows, seq, dtype=torch.bool),
+                     list(range(n_layers)), tokens, list(widths))
+    return feats, torch.arange(i * rows, (i + 1) * rows), torch.zeros(rows, dtype=torch.int64)
+
+
+def memory_run(n_blocks: int) -> dict:
+    """Stream ``n_blocks`` blocks through the dashboard accumulator (both passes); peak RSS in MiB."""
+    from sparse_clt_hf.dashboard.accumulate import DashboardAccumulator
+
+    acc = DashboardAccumulator(list(range(4)), [2048] * 4, 10, 8, 32, 5, 3)
+    for i in range(n_blocks):
+        acc.update(*stream_block(i))
+    ds = acc.finish(stream_block(i) for i in range(n_blocks))
+    return {"blocks": n_blocks, "tokens": n_blocks * 128 * 128, "n_positions": ds.base.n_positions,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 class Vocab:
@@ -50,10 +97,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", default=None, help="another checkout whose `stats` is timed in the same loop")
+    ap.add_argument("--memory", action="store_true", help="also peak RSS over 4 and 16 streamed blocks")
+    ap.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_run is not None:
+        print(json.dumps(memory_run(args.memory_run)))
+        return
     feats = synthetic(128, 128, [2048] * 4, 32)
-    t_stats, t_dash = [], []
+    base_fs = None
+    if args.baseline:
+        base_fs, base_features = baseline_stats(args.baseline)
+        base_feats = base_features(feats.indices, feats.values, feats.l0, feats.mask, feats.layers, feats.token_ids,
+                                   feats.n_features)
+    t_stats, t_dash, t_base = [], [], []
     for _ in range(args.repeat):
+        if base_fs is not None:
+            t0 = time.perf_counter()
+            base_fs(base_feats, top_n=10, context=8)
+            t_base.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         feature_stats(feats, top_n=10, context=8)
         t_stats.append(time.perf_counter() - t0)
@@ -70,11 +132,22 @@ def main() -> None:
         site_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
     out = {"stats_s": round(s, 3), "stats_dashboard_s": round(d, 3), "ratio": round(d / s, 2),
            "site_16k_features_s": round(t_site, 2), "site_mb": round(site_mb, 1), "torch_threads": torch.get_num_threads()}
+    if t_base:
+        b = statistics.median(t_base)
+        out.update(baseline_stats_s=round(b, 3), ratio_to_baseline_stats=round(d / b, 2))
+    if args.memory:
+        out["memory"] = [json.loads(subprocess.run([sys.executable, __file__, "--memory-run", str(n)], check=True,
+                                                   capture_output=True, text=True).stdout) for n in (4, 16)]
     if args.json:
         print(json.dumps(out))
     else:
         print(f"stats {s:.2f} s, stats with dashboards {d:.2f} s: {d / s:.2f}x (16,384 tokens, 4 x 2048 features, k 32)")
         print(f"site build, 16,384 features: {t_site:.1f} s, {site_mb:.0f} MiB")
+        if t_base:
+            print(f"baseline stats ({args.baseline}) {out['baseline_stats_s']:.2f} s: stats with dashboards are "
+                  f"{out['ratio_to_baseline_stats']:.2f}x it")
+        for m in out.get("memory", []):
+            print(f"streamed {m['tokens']:,} tokens ({m['blocks']} blocks): peak RSS {m['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

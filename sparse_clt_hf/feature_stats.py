@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import SparseCLTError
@@ -190,6 +191,27 @@ def _checked_stats(path: Path, meta: dict[str, str], t: dict[str, torch.Tensor])
 
 
 # ---------------------------------------------------------------------------- computation
+def run_rank(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry in its run of equal values of ``sorted_keys``."""
+    i = torch.arange(sorted_keys.numel())
+    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return i - torch.where(start, i, 0).cummax(0).values
+
+
+def _top_candidates(key: torch.Tensor, act: torch.Tensor, n: int, kept_nth: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the entries that can be among their key's ``n`` strongest: at or above the
+    key's n-th strongest activation of the block (ties included) and above ``kept_nth`` [keys]."""
+    bits = (act + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered like the floats
+    packed = (key << 32) | ((1 << 31) - 1 - bits)  # ascending: key, then activation descending
+    values = torch.from_numpy(np.sort(packed.numpy()))
+    nth = run_rank(values >> 32) == n - 1
+    bound = torch.full_like(kept_nth, torch.iinfo(torch.int64).max, dtype=torch.int64)
+    bound[values[nth] >> 32] = values[nth]
+    return ((packed <= bound[key]) & (act > kept_nth[key])).nonzero().squeeze(1)
+
+
 class _Accumulator:
     """Running per-(layer, feature) statistics, updated one block of rows at a time."""
 
@@ -206,22 +228,33 @@ class _Accumulator:
         self.top_d = torch.full((n_layers * m, top_n), -1, dtype=torch.int64)
         self.top_p = torch.full((n_layers * m, top_n), -1, dtype=torch.int64)
 
-    def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor) -> None:
+    def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor):
         """Rows of ``f`` are (pieces of) documents ``documents`` starting at position ``offsets``; rows
-        must come in (document, position) order across calls, which makes ties resolve to the earliest."""
+        must come in (document, position) order across calls, which makes ties resolve to the earliest.
+        Returns the block's recorded entries (key = layer index * M + feature, activation, document,
+        position), in row order, for accumulators that extend this one in the same pass."""
         mask = f.mask.bool()
         self.n_positions += int(mask.sum())
         valid = (f.indices >= 0) & mask[:, :, None, None]
         w, t, li, ki = valid.nonzero(as_tuple=True)
-        if w.numel() == 0:
-            return
         key = li * self.m + f.indices[w, t, li, ki].long()
         act = f.values[w, t, li, ki].float()
         doc = documents[w].long()
         pos = offsets[w].long() + t
+        if w.numel():
+            self._add(key, act, doc, pos)
+        return key, act, doc, pos
+
+    def _add(self, key: torch.Tensor, act: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor) -> None:
         self.count += torch.bincount(key, minlength=self.count.numel())
         self.sum.index_add_(0, key, act.double())
         self.max.scatter_reduce_(0, key, act, reduce="amax")
+        # only entries at or above their key's n-th strongest of this block, and above the n-th kept one
+        # (kept ones win ties), can enter: found by sorting packed (key, activation) values alone
+        cand = _top_candidates(key, act, self.top_n, self.top_v[:, -1])
+        key, act, doc, pos = key[cand], act[cand], doc[cand], pos[cand]
+        if key.numel() == 0:
+            return
         # top-n candidates per key: order by key, activation descending, then (document, position)
         # (nonzero() yields rows in order, so stable sorts keep the earliest first among ties)
         o1 = act.sort(descending=True, stable=True).indices
@@ -278,6 +311,10 @@ class _Accumulator:
         return out
 
     def finish(self, blocks) -> FeatureStats:
+        return self.result(self.contexts(blocks))
+
+    def result(self, top_tokens: torch.Tensor) -> FeatureStats:
+        """The statistics, with the token windows ``top_tokens`` [L*M, n, 2c+1] of the top contexts."""
         n_layers = len(self.layers)
         shape = (n_layers, self.m)
         tensors = {
@@ -287,7 +324,7 @@ class _Accumulator:
             "top_values": self.top_v.view(*shape, self.top_n),
             "top_documents": self.top_d.view(*shape, self.top_n),
             "top_positions": self.top_p.view(*shape, self.top_n),
-            "top_tokens": self.contexts(blocks).view(*shape, self.top_n, 2 * self.context + 1),
+            "top_tokens": top_tokens.view(*shape, self.top_n, 2 * self.context + 1),
         }
         return FeatureStats(self.layers, self.n_features, self.n_positions, self.top_n, self.context, tensors)
 

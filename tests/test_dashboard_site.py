@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_transcoder
 from test_extract import DOCS, char_tokenizer
 from test_view import png_pixels_vary, run_chromium
@@ -76,7 +77,10 @@ def test_site_data_matches_statistics_and_dense_logits(built):
         for f in range(ds.base.n_features[li]):
             _, chunk = read_js(site / "data" / f"L{layer}" / f"c{f // 256}.js")
             rec = chunk["features"][str(f)]
-            assert rec["h"] == ds.histogram(layer, f).tolist()
+            hist, used = ds.histogram(layer, f).tolist(), ds.used_bins(layer, f)
+            assert rec["h"] == hist[:used] and not any(hist[used:])  # the bins above the max are empty
+            edges = ds.bin_edges(layer, f).tolist()
+            assert rec["w"] == pytest.approx(edges[1] - edges[0], rel=1e-3)
             assert len(rec["ex"]) == len(ds.examples(layer, f))
             for e, got in zip(ds.examples(layer, f), rec["ex"]):
                 assert got[0] == e.group and got[3] == e.token_ids and got[2] == e.index
@@ -126,7 +130,7 @@ def test_exports(built):
     rec = json.loads((files[0].parent / f"{cantor(2, f)}.json").read_text())
     assert set(rec) == {"transcoder_id", "index", "examples_quantiles", "top_logits", "bottom_logits", "act_min",
                         "act_max", "quantile_values", "histogram", "activation_frequency"}
-    assert rec["index"] == cantor(2, f) and rec["histogram"] == [float(c) for c in ds.histogram(2, f).tolist()]
+    assert rec["index"] == cantor(2, f) and rec["histogram"] == [float(c) for c in ds.histogram(2, f).tolist()][: ds.used_bins(2, f)]
     assert rec["act_max"] == pytest.approx(float(ds.base.max(2)[f]))
     assert rec["activation_frequency"] == pytest.approx(float(ds.base.frequency(2)[f]))
     assert len(rec["quantile_values"]) == 100 and len(rec["top_logits"]) == 5
@@ -271,6 +275,14 @@ def test_demo_dashboard_before_the_demo_ran(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "site").exists()
 
 
+def _tensors_and_metadata(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        return load_file(str(path)), f.metadata()
+
+
 def test_dashboard_keeps_the_statistics_already_computed(built, tmp_path):
     import shutil
 
@@ -281,9 +293,11 @@ def test_dashboard_keeps_the_statistics_already_computed(built, tmp_path):
     shutil.copytree(ext, copy)
     (copy / "dashboard.safetensors").unlink()
     feature_stats(copy, top_n=3, context=2)  # `stats DIR --top-n 3 --context 2`
-    before = (copy / "stats.safetensors").read_bytes()
+    before = _tensors_and_metadata(copy / "stats.safetensors")
     assert cli.main(["dashboard", str(copy), "--out", str(tmp_path / "site"), "--tokenizer",
                      str(ext.parent / "model")]) == 0
-    assert (copy / "stats.safetensors").read_bytes() == before
+    after = _tensors_and_metadata(copy / "stats.safetensors")  # written again by the same pass, unchanged
+    assert after[1] == before[1] and after[0].keys() == before[0].keys()
+    assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
     ds = DashboardStats.load(copy)
     assert (ds.base.top_n, ds.base.context) == (3, 2) and FeatureStats.load(copy).top_n == 3

@@ -18,12 +18,13 @@ from sparse_clt_hf.feature_stats import FeatureStatsError
 
 
 def _hash(d: int, p: int, key: int) -> int:
-    """The sample priority, written out with Python integers."""
-    P = (1 << 31) - 1
-    h = (d % P) * 1_103_515_245 % P
-    h = (h + (p % P) * 1_597_334_677 % P) % P
-    h = (h + (key % P) * 40_503 % P) % P
-    return h * 48_271 % P * 16_807 % P
+    """The sample priority, written out with Python integers (no overflow to emulate)."""
+    def mix(x):
+        for _ in range(2):
+            x = ((x >> 16) ^ x) * 0x45D9F3B % 2**32
+        return (x >> 16) ^ x
+
+    return mix(mix((d * 0x9E3779B1 + key) % 2**32) ^ (p % 2**32)) >> 1
 
 
 def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int):
@@ -38,9 +39,14 @@ def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int
         for f in range(feats.n_features[li]):
             h = hits.get((layer, f), [])
             mx = max((float(torch.tensor(a, dtype=torch.float32)) for a, _, _ in h), default=0.0)
+            top = 2.0 ** (math.floor(math.log2(mx)) + 1) if mx > 0 else 0.0  # smallest power of two above max
+            while mx > 0 and top / 2 > mx:  # guard log2 rounding
+                top /= 2
+            while top <= mx and mx > 0:
+                top *= 2
 
-            def bin_of(a, mx=mx):
-                return min(max(int(math.floor(a / mx * bins)) if mx > 0 else 0, 0), bins - 1)
+            def bin_of(a, top=top):  # exact: a * bins / top is a float product with a power of two
+                return min(max(int(math.floor(a * bins / top)) if top > 0 else 0, 0), bins - 1)
 
             hist = [0] * bins
             for a, _, _ in h:
@@ -63,7 +69,7 @@ def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int
                 return ([int(feats.token_ids[d, q]) for q in qs], [recorded.get((layer, f, d, q), 0.0) for q in qs],
                         qs.index(p))
 
-            out[(layer, f)] = dict(hist=hist, edges=edges, sampled=sampled, window=window, n=n)
+            out[(layer, f)] = dict(top=top, hist=hist, edges=edges, sampled=sampled, window=window, n=n)
     return out
 
 
@@ -72,6 +78,7 @@ def assert_matches(ds: DashboardStats, feats: Features, bins, quantiles, samples
     for li, layer in enumerate(feats.layers):
         for f in range(feats.n_features[li]):
             r = ref[(layer, f)]
+            assert ds.bin_edges(layer, f)[-1] == r["top"], (layer, f)
             assert ds.histogram(layer, f).tolist() == r["hist"], (layer, f)
             assert ds.quantile_edges(layer, f).tolist() == r["edges"], (layer, f)
             ex = ds.examples(layer, f)
@@ -182,3 +189,38 @@ def test_files_that_do_not_belong_together_are_refused(tmp_path):
     feature_stats(random_features(6), top_n=3, context=4).save(tmp_path / "stats.safetensors")
     with pytest.raises(FeatureStatsError, match="context 2.*does not belong.*context 4"):
         DashboardStats.load(tmp_path)
+
+
+def test_priorities_of_one_feature_rarely_tie():
+    """Priorities behave like random 31-bit numbers: over a 256 x 256 grid of (document, position) of
+    one feature, ties are as rare as for random values (ties fall back to a slower exact order)."""
+    d, p = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    prio = priority(d.reshape(-1), p.reshape(-1), torch.full((256 * 256,), 7))
+    assert prio.min() >= 0 and prio.max() < 2**31
+    assert 256 * 256 - torch.unique(prio).numel() <= 10  # random: about 1 expected
+
+
+def test_blocks_with_a_growing_max_fold_bins_exactly():
+    """Streamed in blocks whose activations grow (the max passes several powers of two, so the bins and
+    their kept samples fold), with a feature that never fires positively: equal to the brute force."""
+    from sparse_clt_hf.dashboard.accumulate import DashboardAccumulator
+
+    feats = random_features(8)
+    feats.values[2:] *= 3.0
+    feats.values[4:] *= 7.0
+    feats.values[(feats.indices == 4) & (torch.arange(2) == 0)[None, None, :, None]] = -0.5  # layer 3, feature 4
+    rows = torch.arange(feats.batch_size)
+    zero = torch.zeros(feats.batch_size, dtype=torch.int64)
+
+    def block(a, b):
+        f = Features(feats.indices[a:b], feats.values[a:b], feats.l0[a:b], feats.mask[a:b], feats.layers,
+                     feats.token_ids[a:b], feats.n_features)
+        return f, rows[a:b], zero[a:b]
+
+    blocks = [block(0, 2), block(2, 4), block(4, 5)]
+    acc = DashboardAccumulator(feats.layers, feats.n_features, 3, 2, 8, 4, 2)
+    for b in blocks:
+        acc.update(*b)
+    ds = acc.finish(blocks)
+    assert float(ds.bin_edges(3, 4)[-1]) == 0.0 and ds.histogram(3, 4).sum() == ds.histogram(3, 4)[0]
+    assert_matches(ds, feats, 8, 4, 2, 2)

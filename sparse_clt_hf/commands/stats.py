@@ -42,7 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from ..feature_stats import STATS_FILE, feature_stats
 
     folder = Path(args.dir)
-    stats = feature_stats(folder, top_n=args.top_n, context=args.context)
+    dashboard = None
+    if getattr(args, "dashboard", False):  # the base statistics come from the same pass
+        from ..dashboard.accumulate import dashboard_stats
+
+        dashboard = dashboard_stats(folder, top_n=args.top_n, context=args.context, bins=args.bins,
+                                    quantiles=args.quantiles, samples=args.samples)
+        stats = dashboard.base
+    else:
+        stats = feature_stats(folder, top_n=args.top_n, context=args.context)
     tokenizer = _tokenizer(args, folder)
 
     def label(layer: int, feature: int) -> list[str] | list[int]:
@@ -64,10 +72,9 @@ def run(args: argparse.Namespace) -> int:
                                "label": label(layer, f)} for f in top],
         })
 
-    if getattr(args, "dashboard", False):
-        from ..dashboard.stats import DASHBOARD_FILE, dashboard_stats
+    if dashboard is not None:
+        from ..dashboard.stats import DASHBOARD_FILE
 
-        dashboard_stats(args.dir, base=stats, bins=args.bins, quantiles=args.quantiles, samples=args.samples)
         summary["dashboard"] = str(folder / DASHBOARD_FILE)
 
     if args.json:

@@ -1,8 +1,9 @@
 """Feature dashboards: per-feature activation histograms, examples across the activation range, logit
 effects, a static offline site and exports for Neuronpedia and circuit-tracer (see ``docs/dashboards.md``).
 
-- :mod:`.stats`: :func:`dashboard_stats` streams an extraction (or in-memory Features) into
-  :class:`DashboardStats` (``DIR/dashboard.safetensors``), next to the base ``stats.safetensors``;
+- :mod:`.accumulate`: :func:`dashboard_stats` streams an extraction (or in-memory Features) into
+  :class:`DashboardStats` (:mod:`.stats`; ``DIR/dashboard.safetensors``), in the same pass as the base
+  ``stats.safetensors``;
 - :mod:`.logits`: :func:`logit_effects`, the tokens each feature's decoder raises and lowers;
 - :mod:`.site`: :func:`build_site`, the static site;
 - :mod:`.exports`: :func:`export_neuronpedia`, :func:`export_circuit_tracer`.
@@ -10,6 +11,7 @@ effects, a static offline site and exports for Neuronpedia and circuit-tracer (s
 
 from __future__ import annotations
 
-from .stats import DASHBOARD_FILE, DashboardStats, Example, dashboard_stats, density_histogram
+from .accumulate import dashboard_stats
+from .stats import DASHBOARD_FILE, DashboardStats, Example, density_histogram
 
 __all__ = ["DASHBOARD_FILE", "DashboardStats", "Example", "dashboard_stats", "density_histogram"]

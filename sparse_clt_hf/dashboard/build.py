@@ -10,8 +10,9 @@ from typing import Any
 
 from ..feature_stats import STATS_FILE, FeatureStats, FeatureStatsError
 from ..io.structured import load_json_object, load_yaml
+from .accumulate import dashboard_stats
 from .site import DashboardError, build_site, check_out_dir
-from .stats import DASHBOARD_FILE, DashboardStats, dashboard_stats
+from .stats import DASHBOARD_FILE, DashboardStats
 
 TOKENIZER_DIR = "tokenizer"  # as in sparse_clt_hf.labels
 
@@ -118,6 +119,8 @@ def build_dashboard(
     info = source_info(directory)
     _check_belongs(directory, info, clt, model)
     have = (directory / DASHBOARD_FILE).is_file()
+    if have and info["kind"] == "extraction" and not DashboardStats.is_current(directory / DASHBOARD_FILE):
+        have = False  # an older version: computed again below
     if not have and info["kind"] != "extraction":
         raise DashboardError(f"{directory} holds no {DASHBOARD_FILE}: compute it with `sparse-clt-hf stats DIR "
                              "--dashboard` (an extraction)" + (" or `sparse-clt-hf demo --dashboard SITE`"
@@ -152,7 +155,7 @@ def build_dashboard(
         options = dict(stats_options or {})
         if (directory / STATS_FILE).is_file():  # keep the statistics already there (their top_n and context)
             base = FeatureStats.load(directory / STATS_FILE)
-            options.update(base=base, top_n=base.top_n, context=base.context)
+            options.update(top_n=base.top_n, context=base.context)
         stats = dashboard_stats(directory, **options)
     _check_token_ids(directory, stats)
     logits, notes = {}, []

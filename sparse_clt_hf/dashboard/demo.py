@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from .accumulate import dashboard_stats
 from .build import build_dashboard
 from .site import DashboardError, check_out_dir
-from .stats import DASHBOARD_FILE, dashboard_stats
+from .stats import DASHBOARD_FILE, DashboardStats
 
 
 @torch.no_grad()
@@ -51,7 +52,6 @@ def demo_dashboard(out: str | os.PathLike[str], *, neuronpedia=None, circuit_tra
     """Build the demo transcoder's site (and exports) from its cached statistics, computing the
     dashboard statistics once when missing (this loads the model)."""
     from .. import demo
-    from ..feature_stats import feature_stats
     from ..labels import save_stats
     from ..training import python_texts
 
@@ -64,14 +64,13 @@ def demo_dashboard(out: str | os.PathLike[str], *, neuronpedia=None, circuit_tra
         raise DashboardError(f"the demo transcoder is not fitted yet ({folder}): run `sparse-clt-hf demo` once, "
                              "or pass an extraction folder")
     model, tokenizer, _ = demo.load_model(None)
-    if not (folder / DASHBOARD_FILE).is_file():
+    if not DashboardStats.is_current(folder / DASHBOARD_FILE):
         log(f"computing the demo transcoder's dashboard statistics (once) -> {Path(folder) / DASHBOARD_FILE}")
         s = demo.DEMO_STATS
         feats = corpus_features(model, tokenizer, str(folder), python_texts(), tokens=s["tokens"],
                                 seq_len=s["seq_len"], batch_size=s["batch_size"], progress=progress)
-        base = feature_stats(feats, top_n=s["top_n"], context=s["context"])
-        stats = dashboard_stats(feats, base=base, top_n=s["top_n"], context=s["context"], **(stats_options or {}))
-        save_stats(base, folder, tokenizer)
+        stats = dashboard_stats(feats, top_n=s["top_n"], context=s["context"], **(stats_options or {}))
+        save_stats(stats.base, folder, tokenizer)
         stats.save(folder / DASHBOARD_FILE)
     return build_dashboard(folder, out, clt=str(folder), tokenizer=tokenizer, lm=model, neuronpedia=neuronpedia,
                            circuit_tracer=circuit_tracer, title="Feature dashboards: the demo transcoder", log=log)

@@ -7,7 +7,8 @@
   the number circuit-tracer's graph files give a feature node. Its frontend reads local feature
   files when the graph's scan starts with ``./``: with ``serve(data_dir=CT_DIR)``, scan
   ``./data/features/<scan>`` (the server maps ``/data/`` to ``CT_DIR``).
-  ``histogram`` has the dashboard's bins over ``[act_min, act_max] = [0, max]``; ``quantile_values``
+  ``histogram`` has the dashboard's bins up to the one holding the max (equal bins over ``[0, u * w)``,
+  ``w`` the bin width, within one bin of ``[act_min, act_max] = [0, max]``); ``quantile_values``
   holds the 1st..100th percentiles (interpolated inside histogram bins).
 - :func:`export_neuronpedia`: Neuronpedia's import directory, as its converter
   (``utils/neuronpedia-utils``) writes it: ``NP_DIR/<model>/<layer>-<source set>/`` with
@@ -99,7 +100,7 @@ def export_circuit_tracer(stats: DashboardStats, out: str | os.PathLike[str], to
                 "act_min": 0.0,
                 "act_max": float(mx[f]),
                 "quantile_values": stats.percentiles(layer, f),
-                "histogram": [float(c) for c in stats.histogram(layer, f).tolist()],
+                "histogram": [float(c) for c in stats.histogram(layer, f)[: stats.used_bins(layer, f)].tolist()],
                 "activation_frequency": count[f] / max(base.n_positions, 1),
             }
             (folder / f"{record['index']}.json").write_text(json.dumps(record), encoding="utf-8")
@@ -151,7 +152,7 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
             for f in range(start, min(start + batch_size, m)):
                 examples, bounds, shares, lt, lb = _feature_parts(stats, layer, f, logits)
                 vocab = _decode_all(tokenizer, {t for e in examples for t in e.token_ids} | set(lt[0]) | set(lb[0]))
-                step = mx[f] / stats.bins if mx[f] > 0 else 0.0
+                edges, used = stats.bin_edges(layer, f).tolist(), stats.used_bins(layer, f)
                 features.append({
                     "modelId": model_id, "layer": source_id, "index": str(f), "creatorId": None, "createdAt": created,
                     "maxActApprox": float(mx[f]), "hasVector": False, "vector": [], "vectorLabel": None,
@@ -164,8 +165,8 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
                     "pos_str": [vocab[i] for i in lt[0]], "pos_values": [float(v) for v in lt[1]],
                     "neg_str": [vocab[i] for i in lb[0]], "neg_values": [float(v) for v in lb[1]],
                     "frac_nonzero": count[f] / max(base.n_positions, 1),
-                    "freq_hist_data_bar_heights": [float(c) for c in stats.histogram(layer, f).tolist()],
-                    "freq_hist_data_bar_values": [(i + 0.5) * step for i in range(stats.bins)],
+                    "freq_hist_data_bar_heights": [float(c) for c in stats.histogram(layer, f)[:used].tolist()],
+                    "freq_hist_data_bar_values": [(a + b) / 2 for a, b in zip(edges[:used], edges[1:used + 1])],
                     "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
                     "decoder_weights_dist": [],
                 })

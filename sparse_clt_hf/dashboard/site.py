@@ -112,10 +112,14 @@ def _write_js(path: Path, name: str, data: Any) -> None:
 
 
 def _feature_record(bins: int, context: int, f: int, t: dict[str, list]) -> dict:
-    """One feature's page data from the chunk's columns ``t`` (``f``: index within the chunk)."""
-    mx, hist, edges = t["max"][f], t["hist"][f], t["edges"][f]
-    step = mx / bins if mx > 0 else 0.0
-    groups = [[_r(a * step), _r(b * step), sum(hist[a:b])] for a, b in zip(edges[:-1], edges[1:])]
+    """One feature's page data from the chunk's columns ``t`` (``f``: index within the chunk): the
+    histogram up to the bin holding the max (bins of width ``w``), the quantile groups as
+    ``[low, high, count, end bin]``, the examples."""
+    mx, top, hist, edges = t["max"][f], t["top"][f], t["hist"][f], t["edges"][f]
+    step = top / bins if top > 0 else 0.0
+    used = max(1, min(bins, int(mx / top * bins) + 1)) if top > 0 else 1  # the bins above the max are empty
+    groups = [[_r(min(a * step, mx)), _r(min(b * step, mx)), sum(hist[a:b]), min(b, used)]
+              for a, b in zip(edges[:-1], edges[1:])]
     examples = []
     for g, v, window, acts in zip(t["group"][f], t["value"][f], t["tokens"][f], t["acts"][f]):
         if g == -2:
@@ -123,7 +127,7 @@ def _feature_record(bins: int, context: int, f: int, t: dict[str, list]) -> dict
         inside = [i for i, tok in enumerate(window) if tok >= 0]
         left = sum(1 for tok in window[:context] if tok < 0)
         examples.append([g, v, context - left, [window[i] for i in inside], [acts[i] for i in inside]])
-    return {"h": hist, "n": sum(hist), "g": groups, "ex": examples}
+    return {"h": hist[:used], "w": _r(step), "n": sum(hist), "g": groups, "ex": examples}
 
 
 def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: Any, *,
@@ -153,7 +157,7 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
         _write_js(folder / "index.js", f"L{layer}", {
             "count": count, "max": [_r(v) for v in mx], "mean": [_r(v) for v in mean], "label": labels})
         scale = base.max(layer)
-        t = {"max": mx}
+        t = {"max": mx, "top": stats._t["hist_top"][li, :m].tolist()}
         for key, name in (("hist", "hist"), ("edges", "quantile_edges"), ("group", "example_group"),
                           ("value", "example_value"), ("tokens", "example_tokens"), ("acts", "example_acts")):
             t[key] = stats._t[name][li, :m]
@@ -161,7 +165,7 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
         eff = logits.get(layer)
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
-            part = {k: (v[start:stop].tolist() if k != "max" else v[start:stop]) for k, v in t.items()}
+            part = {k: (v[start:stop] if isinstance(v, list) else v[start:stop].tolist()) for k, v in t.items()}
             feats = {}
             used: list[int] = []
             for f in range(start, stop):

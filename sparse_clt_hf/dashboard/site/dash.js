@@ -164,13 +164,13 @@
       s.appendChild(el('p', {id: 'freq'}, 'frequency ' + pct(d.count[f] / Math.max(m.n_positions, 1)) + ' (' + d.count[f] + ' of ' +
         m.n_positions + ' positions), max ' + fmt(d.max[f]) + ', mean ' + fmt(d.mean[f])));
       s.appendChild(el('p', {'class': 'note', id: 'exact'}, exactNote(L.exact)));
-      var mx = d.max[f] || 1, h = $('histogram');
+      var mx = d.max[f] || 1, w = rec.w || 1, h = $('histogram');
       h.querySelectorAll('svg,p').forEach(function (x) { x.remove(); });
-      var groupOf = function (i) { for (var g = 0; g < rec.g.length; g++) if (i < rec.g[g][1] / mx * m.bins - 1e-9) return g; return rec.g.length - 1; };
+      var groupOf = function (i) { for (var g = 0; g < rec.g.length; g++) if (i < rec.g[g][3]) return g; return rec.g.length - 1; };
       var colors = ['#9ecae1', '#6baed6', '#4292c6', '#2171b5', '#08519c', '#08306b'];
-      h.appendChild(bars(rec.h, {label: function (i) { return fmt(i * mx / m.bins) + '..' + fmt((i + 1) * mx / m.bins); },
-        color: function (i) { return colors[groupOf(i) % colors.length]; }, ticks: [[0, '0'], [0.92, fmt(mx)]]}));
-      h.appendChild(el('p', {'class': 'note'}, rec.n + ' recorded activations in ' + m.bins + ' bins over [0, max]; shades: quantile groups'));
+      h.appendChild(bars(rec.h, {label: function (i) { return fmt(i * w) + '..' + fmt((i + 1) * w); },
+        color: function (i) { return colors[groupOf(i) % colors.length]; }, ticks: [[0, '0'], [0.92, fmt(rec.h.length * w)]]}));
+      h.appendChild(el('p', {'class': 'note'}, rec.n + ' recorded activations in bins of width ' + fmt(w) + ' up to the max; shades: quantile groups'));
       var lg = $('logits'); lg.querySelectorAll('table,p').forEach(function (x) { x.remove(); });
       if (rec.lt) {
         var t = el('table', {'class': 'logit'});
