@@ -61,6 +61,7 @@ from .extract_folder import (
     tensors_fingerprint,
     write_json_atomic,
 )
+from .io.folders import check_writable_folder
 
 _sha256 = sha256_file  # (older name, kept for callers)
 __all__ = ["MANIFEST", "SHARDS", "extract", "read_manifest", "shard_path"]
@@ -127,18 +128,7 @@ def _check_out(out: Path, arguments: dict[str, Any]) -> dict[str, Any] | None:
                                    "rerun with the same arguments to resume, or use another --out")
         elif any(p.name not in (SHARDS, LOCK) for p in out.iterdir()):
             raise ExtractError(f"--out {out} is not empty and holds no extraction (no {MANIFEST}); use another folder")
-    probe_dir = out
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise ExtractError(f"--out {out}: {probe_dir} is not a folder")
-    try:
-        import tempfile
-
-        with tempfile.TemporaryFile(dir=probe_dir):
-            pass
-    except OSError as exc:
-        raise ExtractError(f"--out {out} is not writable ({probe_dir}: {exc.strerror or exc})") from None
+    check_writable_folder(out, "--out", ExtractError)
     return previous
 
 

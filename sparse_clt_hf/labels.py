@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .feature_stats import STATS_FILE, Context, FeatureStats, feature_stats
+
+if TYPE_CHECKING:
+    from .features import Features
 
 TOKENIZER_DIR = "tokenizer"
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
@@ -54,7 +57,7 @@ def check_stats_path(stats: str | os.PathLike[str] | None) -> None:
 
 
 @torch.no_grad()
-def corpus_stats(
+def corpus_features(
     model: torch.nn.Module,
     tokenizer: Any,
     transcoder: Any,
@@ -65,14 +68,13 @@ def corpus_stats(
     batch_size: int = 16,
     skip_first: int = 1,
     top_k: int | None = None,
-    top_n: int = 10,
-    context: int = 8,
     progress: bool = True,
-) -> FeatureStats:
-    """Statistics of every feature of ``transcoder`` over about ``tokens`` tokens of ``texts``.
+    desc: str = "feature statistics",
+) -> Features:
+    """The features of ``transcoder`` over about ``tokens`` tokens of ``texts``.
 
     The text is cut into rows of ``seq_len`` tokens (documents joined by EOS, as in training); each
-    row is one "document" of the statistics. The first ``skip_first`` positions of every row are left
+    row is one "document" of the statistics. The first ``skip_first`` positions of every row are masked
     out (the attention-sink position has outlier activations, and training skipped it too).
     ``top_k`` features are recorded per token and layer (default: the transcoder's k, else 32)."""
     from .attach import attach_clt
@@ -84,7 +86,7 @@ def corpus_stats(
         cfg = getattr(transcoder, "config", None)
         top_k = int(getattr(cfg, "k", None) or 32)
     device = next(model.parameters()).device
-    bar = tqdm(total=ids.shape[0], desc="feature statistics", unit="seq", disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(total=ids.shape[0], desc=desc, unit="seq", disable=None if progress else True)  # None: only on a terminal
     try:
         with attach_clt(model, transcoder, top_k=top_k) as clt:
             for start in range(0, ids.shape[0], batch_size):
@@ -95,6 +97,22 @@ def corpus_stats(
     finally:
         bar.close()
     feats.mask[:, :skip_first] = False
+    return feats
+
+
+def corpus_stats(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    transcoder: Any,
+    texts: Iterable[str],
+    *,
+    top_n: int = 10,
+    context: int = 8,
+    **options: Any,
+) -> FeatureStats:
+    """Statistics of every feature of ``transcoder`` over the corpus features of :func:`corpus_features`
+    (``options``: its ``tokens``, ``seq_len``, ``batch_size``, ``skip_first``, ``top_k``, ``progress``)."""
+    feats = corpus_features(model, tokenizer, transcoder, texts, **options)
     return feature_stats(feats, top_n=top_n, context=context)
 
 

@@ -42,22 +42,9 @@ class DashboardError(SparseCLTError, ValueError):
 
 def check_out_dir(out: str | os.PathLike[str], flag: str = "--out") -> Path:
     """Raise unless ``out`` is (or can become) a writable folder; creates nothing."""
-    import tempfile
+    from ..io.folders import check_writable_folder
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DashboardError(f"{flag} {out} exists and is not a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise DashboardError(f"{flag} {out}: {probe} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise DashboardError(f"{flag} {out} is not writable ({probe}: {exc.strerror or exc})") from None
-    return out
+    return check_writable_folder(out, flag, DashboardError)
 
 
 def _r(v: float) -> float:
