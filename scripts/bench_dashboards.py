@@ -5,9 +5,16 @@ corpus (16,384 tokens = 128 rows of 128, 4 layers of 2048 features, k 32) and on
   with ``--baseline DIR`` also the ``stats`` of another checkout (e.g. the main branch) in the same loop;
 - site build time for 16,384 features (target: under a minute on CPU);
 - ``--memory``: peak RSS of streaming dashboard statistics over 4 and 16 blocks of 16,384 tokens (each
-  block plays a shard; both passes), each size in a fresh process: flat in corpus size.
+  block plays a shard; both passes), each size in a fresh process: flat in corpus size;
+- ``--folder DIR`` (repeatable): the same side-by-side timing on a real extraction folder, read from disk
+  as the commands do (e.g. the demo corpus: ``sparse-clt-hf extract --clt <demo transcoder> --data
+  corpus.jsonl --seq-len 128 --batch-size 16 --max-docs 21 --out DIR``; nothing is saved);
+- ``--command DIR``: the commands as a user runs them, each in a fresh process on a copy of DIR:
+  ``sparse-clt-hf stats COPY --json`` vs ``... --dashboard`` (imports, tokenizer, labels and saving
+  included), and the baseline checkout's ``stats`` command (``PYTHONPATH=<baseline>``).
 
-Usage: ``python scripts/bench_dashboards.py [--repeat 3] [--baseline /path/to/checkout] [--memory] [--json]``."""
+Usage: ``python scripts/bench_dashboards.py [--repeat 3] [--baseline /path/to/checkout] [--memory]
+[--folder DIR] [--command DIR] [--json]``."""
 
 from __future__ import annotations
 
@@ -85,7 +92,73 @@ def memory_run(n_blocks: int) -> dict:
         acc.update(*stream_block(i))
     ds = acc.finish(stream_block(i) for i in range(n_blocks))
     return {"blocks": n_blocks, "tokens": n_blocks * 128 * 128, "n_positions": ds.base.n_positions,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM (Linux; ru_maxrss would carry the parent's peak across fork+exec),
+    else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def time_folder(directory: str, repeat: int, base_fs) -> dict:
+    """``stats`` vs ``stats --dashboard`` (and the baseline's ``stats``) on an extraction folder, in one
+    alternating loop, shards read from disk each time; medians."""
+    from sparse_clt_hf.extract_folder import read_manifest
+
+    runs: dict[str, list[float]] = {"stats_s": [], "stats_dashboard_s": [], "baseline_stats_s": []}
+    calls = [("stats_s", lambda: feature_stats(directory, save=False)),
+             ("stats_dashboard_s", lambda: dashboard_stats(directory, save=False))]
+    if base_fs is not None:
+        calls.insert(0, ("baseline_stats_s", lambda: base_fs(directory, save=False)))
+    for _ in range(repeat):
+        for name, call in calls:
+            t0 = time.perf_counter()
+            call()
+            runs[name].append(time.perf_counter() - t0)
+    out = {"folder": directory, "tokens": read_manifest(Path(directory))["n_tokens"]}
+    out.update({k: round(statistics.median(v), 3) for k, v in runs.items() if v})
+    out["ratio"] = round(out["stats_dashboard_s"] / out["stats_s"], 2)
+    if base_fs is not None:
+        out["ratio_to_baseline_stats"] = round(out["stats_dashboard_s"] / out["baseline_stats_s"], 2)
+    return out
+
+
+def time_command(directory: str, repeat: int, baseline: str | None) -> dict:
+    """Wall time of ``python -m sparse_clt_hf stats COPY --json`` with and without ``--dashboard`` (and of
+    the baseline checkout's command), alternating, each in a fresh process, on a copy of ``directory``
+    (the commands write their statistics and the tokenizer there); medians. A first untimed run of
+    each saves the tokenizer next to the shards, as the first `stats` on a folder does."""
+    import os
+    import shutil
+
+    runs: dict[str, list[float]] = {"stats_s": [], "stats_dashboard_s": [], "baseline_stats_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "extraction"
+        shutil.copytree(directory, copy)
+        here = str(Path(__file__).resolve().parents[1])
+        calls = [("stats_s", here, []), ("stats_dashboard_s", here, ["--dashboard"])]
+        if baseline:
+            calls.insert(0, ("baseline_stats_s", baseline, []))
+        for i in range(repeat + 1):
+            for name, root, extra in calls:
+                env = {**os.environ, "PYTHONPATH": root}
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "sparse_clt_hf", "stats", str(copy), "--json", *extra],
+                               check=True, capture_output=True, env=env)
+                if i:
+                    runs[name].append(time.perf_counter() - t0)
+    out = {k: round(statistics.median(v), 3) for k, v in runs.items() if v}
+    out["ratio"] = round(out["stats_dashboard_s"] / out["stats_s"], 2)
+    if baseline:
+        out["ratio_to_baseline_stats"] = round(out["stats_dashboard_s"] / out["baseline_stats_s"], 2)
+    return out
 
 
 class Vocab:
@@ -99,6 +172,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--baseline", default=None, help="another checkout whose `stats` is timed in the same loop")
     ap.add_argument("--memory", action="store_true", help="also peak RSS over 4 and 16 streamed blocks")
+    ap.add_argument("--folder", action="append", default=[], help="also time an extraction folder (repeatable)")
+    ap.add_argument("--command", default=None, help="also time the stats command on a copy of this extraction")
     ap.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_run is not None:
@@ -135,6 +210,9 @@ def main() -> None:
     if t_base:
         b = statistics.median(t_base)
         out.update(baseline_stats_s=round(b, 3), ratio_to_baseline_stats=round(d / b, 2))
+    out["folders"] = [time_folder(d, args.repeat, base_fs) for d in args.folder]
+    if args.command:
+        out["command"] = time_command(args.command, args.repeat, args.baseline)
     if args.memory:
         out["memory"] = [json.loads(subprocess.run([sys.executable, __file__, "--memory-run", str(n)], check=True,
                                                    capture_output=True, text=True).stdout) for n in (4, 16)]
@@ -146,6 +224,19 @@ def main() -> None:
         if t_base:
             print(f"baseline stats ({args.baseline}) {out['baseline_stats_s']:.2f} s: stats with dashboards are "
                   f"{out['ratio_to_baseline_stats']:.2f}x it")
+        for f in out["folders"]:
+            line = (f"{f['folder']} ({f['tokens']:,} tokens): stats {f['stats_s']:.2f} s, stats with dashboards "
+                    f"{f['stats_dashboard_s']:.2f} s: {f['ratio']:.2f}x")
+            if "baseline_stats_s" in f:
+                line += f"; baseline stats {f['baseline_stats_s']:.2f} s: {f['ratio_to_baseline_stats']:.2f}x it"
+            print(line)
+        if "command" in out:
+            c = out["command"]
+            line = (f"commands on {args.command}: `stats` {c['stats_s']:.2f} s, `stats --dashboard` "
+                    f"{c['stats_dashboard_s']:.2f} s: {c['ratio']:.2f}x")
+            if "baseline_stats_s" in c:
+                line += f"; baseline `stats` {c['baseline_stats_s']:.2f} s: {c['ratio_to_baseline_stats']:.2f}x it"
+            print(line)
         for m in out.get("memory", []):
             print(f"streamed {m['tokens']:,} tokens ({m['blocks']} blocks): peak RSS {m['peak_rss_mib']:.0f} MiB")
 

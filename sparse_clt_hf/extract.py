@@ -324,6 +324,9 @@ def _extract_checked(model, tokenizer, transcoder, source: DataSource, out: Path
             if previous is None or previous.get("status") != "complete":
                 write_json_atomic(out / MANIFEST, manifest)
                 written = True
+            from .labels import keep_tokenizer
+
+            keep_tokenizer(tokenizer, out, log)
         state.wait_for_everyone()
         # one metadata key: safetensors writes several in no fixed order, and shards must be byte-identical
         meta = {FORMAT: json.dumps({"layers": list(clt.layers), "n_features": list(clt.widths)})}

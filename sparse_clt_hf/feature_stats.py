@@ -199,17 +199,46 @@ def run_rank(sorted_keys: torch.Tensor) -> torch.Tensor:
     return i - torch.where(start, i, 0).cummax(0).values
 
 
-def _top_candidates(key: torch.Tensor, act: torch.Tensor, n: int, kept_nth: torch.Tensor) -> torch.Tensor:
+def _top_candidates(key: torch.Tensor, act: torch.Tensor, n: int, kept_nth: torch.Tensor,
+                    block_count: torch.Tensor) -> torch.Tensor:
     """Indices (ascending) of the entries that can be among their key's ``n`` strongest: at or above the
-    key's n-th strongest activation of the block (ties included) and above ``kept_nth`` [keys]."""
+    key's n-th strongest activation of the block (ties included) and above ``kept_nth`` [keys].
+    ``block_count`` [keys]: entries of each key in the block (the sorted runs' starts, without a rank)."""
     bits = (act + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered like the floats
-    packed = (key << 32) | ((1 << 31) - 1 - bits)  # ascending: key, then activation descending
+    if bool((act < 0).any()):
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered like the floats
+    packed = (key << 32) - bits + ((1 << 31) - 1)  # ascending: key, then activation descending
     values = torch.from_numpy(np.sort(packed.numpy()))
-    nth = run_rank(values >> 32) == n - 1
+    start = block_count.cumsum(0) - block_count
+    full = (block_count >= n).nonzero().squeeze(1)
     bound = torch.full_like(kept_nth, torch.iinfo(torch.int64).max, dtype=torch.int64)
-    bound[values[nth] >> 32] = values[nth]
-    return ((packed <= bound[key]) & (act > kept_nth[key])).nonzero().squeeze(1)
+    bound[full] = values[start[full] + n - 1]
+    ok = packed <= bound[key]
+    if bool((kept_nth > float("-inf")).any()):
+        ok &= act > kept_nth[key]
+    return ok.nonzero().squeeze(1)
+
+
+def block_entries(f: Features, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The recorded entries of a block in row order: key (layer index * ``m`` + feature), activation,
+    and each entry's flat index into ``f.indices`` (None when every slot is recorded: then the entries
+    are the slots themselves, and no index array is built)."""
+    n_rows, t_len, n_layers, k = f.indices.shape
+    idx = f.indices
+    layer_base = torch.arange(n_layers, dtype=torch.int64)[:, None] * m
+    if bool(f.mask.bool().all()) and bool((idx >= 0).all()):
+        return (idx + layer_base).reshape(-1), f.values.reshape(-1).float(), None
+    valid = (idx >= 0) & f.mask.bool()[:, :, None, None]
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    key = (flat // k % n_layers) * m + idx.reshape(-1)[flat]
+    return key, f.values.reshape(-1)[flat].float(), flat
+
+
+def entry_rows(flat: torch.Tensor, f: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and position in the row of flat entry indices of ``f.indices``."""
+    _, t_len, n_layers, k = f.indices.shape
+    tok = flat // (n_layers * k)
+    return tok // t_len, tok % t_len
 
 
 class _Accumulator:
@@ -231,30 +260,29 @@ class _Accumulator:
     def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor):
         """Rows of ``f`` are (pieces of) documents ``documents`` starting at position ``offsets``; rows
         must come in (document, position) order across calls, which makes ties resolve to the earliest.
-        Returns the block's recorded entries (key = layer index * M + feature, activation, document,
-        position), in row order, for accumulators that extend this one in the same pass."""
-        mask = f.mask.bool()
-        self.n_positions += int(mask.sum())
-        valid = (f.indices >= 0) & mask[:, :, None, None]
-        w, t, li, ki = valid.nonzero(as_tuple=True)
-        key = li * self.m + f.indices[w, t, li, ki].long()
-        act = f.values[w, t, li, ki].float()
-        doc = documents[w].long()
-        pos = offsets[w].long() + t
-        if w.numel():
-            self._add(key, act, doc, pos)
-        return key, act, doc, pos
+        Returns the block's recorded entries (key = layer index * M + feature, activation, flat index or
+        None: see :func:`block_entries`) and each key's count in the block, for accumulators that extend
+        this one in the same pass."""
+        self.n_positions += int(f.mask.bool().sum())
+        key, act, flat = block_entries(f, self.m)
+        block_count = torch.bincount(key, minlength=self.count.numel())
+        if key.numel():
+            self._add(key, act, flat, block_count, f, documents, offsets)
+        return key, act, flat, block_count
 
-    def _add(self, key: torch.Tensor, act: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor) -> None:
-        self.count += torch.bincount(key, minlength=self.count.numel())
+    def _add(self, key: torch.Tensor, act: torch.Tensor, flat: torch.Tensor | None, block_count: torch.Tensor,
+             f: Features, documents: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.count += block_count
         self.sum.index_add_(0, key, act.double())
         self.max.scatter_reduce_(0, key, act, reduce="amax")
         # only entries at or above their key's n-th strongest of this block, and above the n-th kept one
         # (kept ones win ties), can enter: found by sorting packed (key, activation) values alone
-        cand = _top_candidates(key, act, self.top_n, self.top_v[:, -1])
-        key, act, doc, pos = key[cand], act[cand], doc[cand], pos[cand]
-        if key.numel() == 0:
+        cand = _top_candidates(key, act, self.top_n, self.top_v[:, -1], block_count)
+        if cand.numel() == 0:
             return
+        row, t = entry_rows(cand if flat is None else flat[cand], f)
+        key, act = key[cand], act[cand]
+        doc, pos = documents[row].long(), offsets[row].long() + t
         # top-n candidates per key: order by key, activation descending, then (document, position)
         # (nonzero() yields rows in order, so stable sorts keep the earliest first among ties)
         o1 = act.sort(descending=True, stable=True).indices

@@ -126,6 +126,20 @@ def save_stats(stats: FeatureStats, folder: str | os.PathLike[str], tokenizer: A
     return stats_path(folder)
 
 
+def keep_tokenizer(tokenizer: Any, folder: str | os.PathLike[str], log: Any = None) -> None:
+    """Save ``tokenizer`` as ``folder/tokenizer/`` when it is not there yet, so that later commands on the
+    folder (stats, dashboard, view) decode offline without reading the model's files again (SmolLM2's
+    GGUF takes seconds to parse). Best effort: a tokenizer that cannot be saved leaves a note in ``log``."""
+    target = Path(folder) / TOKENIZER_DIR
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained") or target.exists():
+        return
+    try:
+        tokenizer.save_pretrained(str(target))
+    except Exception as exc:  # noqa: BLE001 - a convenience: the folder is complete without it
+        if log is not None:
+            log(f"note: the tokenizer was not saved to {target} ({type(exc).__name__}: {exc})")
+
+
 # ---------------------------------------------------------------------------- text
 def _visible(text: str) -> str:
     return text.replace("\r", "").replace("\n", "↵").replace("\t", "→")

@@ -24,7 +24,8 @@ def _hash(d: int, p: int, key: int) -> int:
             x = ((x >> 16) ^ x) * 0x45D9F3B % 2**32
         return (x >> 16) ^ x
 
-    return mix(mix((d * 0x9E3779B1 + key) % 2**32) ^ (p % 2**32)) >> 1
+    h = mix(mix(d * 0x9E3779B1 % 2**32) ^ (p % 2**32)) ^ mix((key * 0x85EBCA6B + 0x165667B1) % 2**32)
+    return h * 0x9E3779B1 % 2**32
 
 
 def brute(feats: Features, bins: int, quantiles: int, samples: int, context: int):
@@ -192,12 +193,57 @@ def test_files_that_do_not_belong_together_are_refused(tmp_path):
 
 
 def test_priorities_of_one_feature_rarely_tie():
-    """Priorities behave like random 31-bit numbers: over a 256 x 256 grid of (document, position) of
+    """Priorities behave like random 32-bit numbers: over a 256 x 256 grid of (document, position) of
     one feature, ties are as rare as for random values (ties fall back to a slower exact order)."""
     d, p = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
     prio = priority(d.reshape(-1), p.reshape(-1), torch.full((256 * 256,), 7))
-    assert prio.min() >= 0 and prio.max() < 2**31
-    assert 256 * 256 - torch.unique(prio).numel() <= 10  # random: about 1 expected
+    assert prio.min() >= 0 and prio.max() < 2**32
+    assert 256 * 256 - torch.unique(prio).numel() <= 10  # random: about 0.5 expected
+
+
+def test_features_sample_unrelated_positions():
+    """Two features firing at the same positions get unrelated samples: the rank correlation of their
+    priorities is near 0 and their 1% smallest barely overlap (about 1% of them by chance)."""
+    d, p = torch.meshgrid(torch.arange(64), torch.arange(256), indexing="ij")
+    d, p = d.reshape(-1), p.reshape(-1)
+    for k1, k2 in [(7, 8), (0, 1), (5, 2053), (100, 101), (3, 999)]:
+        r1 = priority(d, p, torch.full_like(d, k1)).argsort().argsort().double()
+        r2 = priority(d, p, torch.full_like(d, k2)).argsort().argsort().double()
+        assert abs(torch.corrcoef(torch.stack([r1, r2]))[0, 1]) < 0.03
+        n = d.numel() // 100
+        assert len(set(r1.topk(n, largest=False).indices.tolist()) & set(r2.topk(n, largest=False).indices.tolist())) < n // 10
+
+
+def dense_features(seed: int, rows: int = 6, t: int = 40) -> Features:
+    """Every slot recorded, 2 + 3 features for k = 2: hundreds of entries per (feature, bin), so the
+    sample's threshold (about OVERSAMPLE * S per slot) is what selects; continuous activations."""
+    g = torch.Generator().manual_seed(seed)
+    widths, k = [3, 2], 2
+    indices = torch.stack([torch.stack([torch.randperm(widths[li], generator=g)[:k] for li in range(2)])
+                           for _ in range(rows * t)]).view(rows, t, 2, k).int()
+    values = torch.rand(rows, t, 2, k, generator=g).sort(-1, descending=True).values * 5
+    mask = torch.ones(rows, t, dtype=torch.bool)
+    return Features(indices, values, torch.full((rows, t, 2), k), mask, [0, 1],
+                    torch.randint(0, 9, (rows, t), generator=g), widths)
+
+
+@pytest.mark.parametrize("oversample", [8, 1])
+def test_threshold_sampling_is_exact_over_streamed_blocks(oversample, monkeypatch):
+    """With many entries per slot, only entries below a per-slot threshold are looked at; a slot left
+    with fewer than S below it (frequent with OVERSAMPLE = 1) takes all its entries. Either way the
+    samples equal the brute force, in memory and over blocks with kept samples from earlier blocks."""
+    from sparse_clt_hf.dashboard import accumulate
+
+    monkeypatch.setattr(accumulate, "OVERSAMPLE", oversample)
+    feats = dense_features(oversample)
+    assert_matches(dashboard_stats(feats, top_n=2, context=1, bins=4, quantiles=2, samples=3), feats, 4, 2, 3, 1)
+    rows, zero = torch.arange(feats.batch_size), torch.zeros(feats.batch_size, dtype=torch.int64)
+    blocks = [(Features(feats.indices[a:b], feats.values[a:b], feats.l0[a:b], feats.mask[a:b], feats.layers,
+                        feats.token_ids[a:b], feats.n_features), rows[a:b], zero[a:b]) for a, b in [(0, 2), (2, 3), (3, 6)]]
+    acc = accumulate.DashboardAccumulator(feats.layers, feats.n_features, 2, 1, 4, 2, 3)
+    for b in blocks:
+        acc.update(*b)
+    assert_matches(acc.finish(blocks), feats, 4, 2, 3, 1)
 
 
 def test_blocks_with_a_growing_max_fold_bins_exactly():

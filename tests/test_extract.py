@@ -304,3 +304,20 @@ def test_other_arguments_on_an_existing_extraction_are_refused(setup, reference_
     args[args.index("--top-k") + 1] = "7"
     err = error_of(capsys, args)
     assert "other arguments" in err and "top_k" in err
+
+
+def test_extraction_keeps_its_tokenizer_for_later_commands(setup, reference_run, monkeypatch, capsys):
+    """The tokenizer is saved next to the shards, so `stats` decodes its labels from it without loading the
+    model's tokenizer files again (a GGUF takes seconds to parse): the same ids decode the same text."""
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(reference_run / "tokenizer"))
+    ids = char_tokenizer()("def f(x):")["input_ids"]
+    assert saved("def f(x):")["input_ids"] == ids and saved.decode(ids) == char_tokenizer().decode(ids)
+    from sparse_clt_hf import models
+
+    real = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda name, *a, **k: real(name, *a, **k) if str(name).endswith(
+        "tokenizer") else pytest.fail(f"loaded {name} instead of the extraction's tokenizer"))
+    assert cli.main(["stats", str(reference_run), "--json", "--show", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["most_frequent"][0]["label"]

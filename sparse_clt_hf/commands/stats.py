@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         stats = feature_stats(folder, top_n=args.top_n, context=args.context)
     tokenizer = _tokenizer(args, folder)
+    if args.model is None:  # the extraction's own tokenizer: keep it next to the shards for next time
+        from ..labels import keep_tokenizer
+
+        keep_tokenizer(tokenizer, folder, lambda msg: print(msg, file=sys.stderr))
 
     def label(layer: int, feature: int) -> list[str] | list[int]:
         ids = [int(i) for i in stats.top_tokens(layer, feature, 3)]

@@ -26,28 +26,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..feature_stats import STATS_FILE, FeatureStatsError, _Accumulator, run_rank
+from ..feature_stats import STATS_FILE, FeatureStatsError, _Accumulator, block_entries, entry_rows, run_rank
 from ..features import Features
-from .stats import _EMPTY, _NONE, _STRIDE, _TOP, DASHBOARD_FILE, DashboardStats, priority
+from .stats import (
+    _EMPTY,
+    _NONE,
+    _STRIDE,
+    _TOP,
+    DASHBOARD_FILE,
+    DashboardStats,
+    combine_hashes,
+    key_hash,
+    token_hash,
+)
 
 _NO_SCALE = -(1 << 16)  # scale exponent of a feature with no positive activation yet (all in bin 0)
 _LOW32 = (1 << 32) - 1
 _ENTRY_BITS = 38  # a block's slots are indexed below 2**38; keys (layer * M + feature) below 2**25
+# a block's entries whose priority is above (oversample * S) / (the slot's count) of the range are not
+# looked at further: a slot keeps about oversample * S candidates and lacks S (then all are taken) with
+# probability ~ P(Poisson(24) < 3) ~ 2e-8 per slot
+OVERSAMPLE = 8
 Block = tuple[Features, torch.Tensor, torch.Tensor]  # features, document of each row, offset of each row
 
 
 def _lowest(slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, n: int):
     """The ``n`` entries of smallest (priority, place) in every slot: their indices, slots and ranks.
 
-    slot < 2**32 and priority < 2**31 pack into one int64. Sorting the packed values alone (numpy, fast)
+    slot < 2**31 and priority < 2**32 pack into one int64. Sorting the packed values alone (numpy, fast)
     gives each slot's n-th smallest; the entries at or below it (about n per slot) are then ordered with
     their indices -- by place too where a slot holds equal priorities (a hash tie, rare)."""
-    packed = (slot << 31) | prio
+    packed = (slot << 32) | prio
     values = torch.from_numpy(np.sort(packed.numpy()))
-    rank = run_rank(values >> 31)
+    rank = run_rank(values >> 32)
     last = torch.full((int(slot.max()) + 1,), _EMPTY, dtype=torch.int64)
     nth = rank == n - 1
-    last[values[nth] >> 31] = values[nth]
+    last[values[nth] >> 32] = values[nth]
     cand = (packed <= last[slot]).nonzero().squeeze(1)
     c_packed = packed[cand].numpy()
     order = np.argsort(c_packed)
@@ -73,32 +87,36 @@ class DashboardAccumulator(_Accumulator):
         self.hist = torch.zeros((n, bins), dtype=torch.int64)
         self.s_prio = torch.full((n * bins, samples), _EMPTY, dtype=torch.int64)
         self.s_place = torch.full((n * bins, samples), -1, dtype=torch.int64)
-        self.sampled = False
+        if n * bins >= 1 << 31:
+            raise FeatureStatsError(f"{len(self.layers)} layers x {self.m} features x {bins} bins is too many "
+                                    "histogram slots (2**31 at most); use fewer bins")
+        self.key_hash = key_hash(torch.arange(n))
         self.truncated = torch.zeros(len(self.layers), dtype=torch.int64)
         self.max_l0 = torch.zeros(len(self.layers), dtype=torch.int64)
         self.recorded_k = 0
 
     def update(self, f: Features, documents: torch.Tensor, offsets: torch.Tensor):
-        key, act, doc, pos = super().update(f, documents, offsets)
+        key, act, flat, block_count = super().update(f, documents, offsets)
         self.recorded_k = f.indices.shape[-1]
         l0 = torch.where(f.mask.bool()[:, :, None], f.l0.long(), torch.zeros((), dtype=torch.int64))
         self.truncated += (l0 > self.recorded_k).sum((0, 1))
         if l0.numel():
             self.max_l0 = torch.maximum(self.max_l0, l0.amax((0, 1)))
         if key.numel() == 0:
-            return key, act, doc, pos
+            return key, act, flat, block_count
         folded = self._rescale()
-        # a * B * 2**-e: exact in float64, and in float32 when B is a power of two (then a scaling only)
+        # a * B * 2**-e: exact in float64, and in float32 when B is a power of two (then a scaling only);
+        # below B by construction, and truncation is the floor for what is not clamped to bin 0
         none = self.exp == _NO_SCALE  # nothing positive yet: every value in bin 0
         exact32 = self.bins & (self.bins - 1) == 0 and bool((none | (self.exp.abs() < 100)).all())
         scale = torch.where(none, 0.0, torch.pow(2.0, (-self.exp).clamp(-1000, 1000).double()) * self.bins)
         x = act * scale.float()[key] if exact32 else act.double() * scale[key]
-        b = x.floor_().clamp_(0, self.bins - 1).long()
-        slot = key * self.bins + b
-        self.hist.view(-1).add_(torch.bincount(slot, minlength=self.hist.numel()))
+        slot = x.long().clamp_(0, self.bins - 1).add_(key, alpha=self.bins)
+        slot_count = torch.bincount(slot, minlength=self.hist.numel())
+        self.hist.view(-1).add_(slot_count)
         if self.samples:
-            self._sample(slot, priority(doc, pos, key), doc * _STRIDE + pos, folded)
-        return key, act, doc, pos
+            self._sample(slot, slot_count, key, flat, f, documents, offsets, folded)
+        return key, act, flat, block_count
 
     def _rescale(self):
         """Raise each feature's scale ``2**e`` above its (updated) running max, folding the bins (and their
@@ -122,17 +140,32 @@ class DashboardAccumulator(_Accumulator):
         self.exp = new
         return folded
 
-    def _sample(self, slot: torch.Tensor, prio: torch.Tensor, place: torch.Tensor, folded) -> None:
-        """Keep per slot the ``S`` smallest (priority, place); kept entries come from earlier rows, so a
-        new entry enters only below the slot's S-th kept priority."""
+    def _sample(self, slot: torch.Tensor, slot_count: torch.Tensor, key: torch.Tensor, flat: torch.Tensor | None,
+                f: Features, documents: torch.Tensor, offsets: torch.Tensor, folded) -> None:
+        """Keep per slot the ``S`` smallest (priority, place). An entry is looked at only below its slot's
+        S-th kept priority (kept entries come from earlier rows and win ties) and below a threshold that
+        leaves about ``OVERSAMPLE * S`` of the slot's entries in this block; a slot left with fewer than
+        ``S`` below its threshold takes all its entries (exact either way)."""
         s = self.samples
-        if not self.sampled:  # the first block: nothing kept yet to compare or merge with
-            self.sampled = True
-            sel, to, rank = _lowest(slot, prio, place, s)
-            self.s_prio[to, rank], self.s_place[to, rank] = prio[sel], place[sel]
-            return
-        ok = prio < self.s_prio[slot, s - 1]
-        slot, prio, place = slot[ok], prio[ok], place[ok]
+        n_rows, t_len, n_layers, k = f.indices.shape
+        documents, offsets = documents.long(), offsets.long()
+        h_tok = token_hash(documents[:, None], offsets[:, None] + torch.arange(t_len)).view(-1)
+        per_tok = n_layers * k
+        h = h_tok[flat // per_tok] if flat is not None else h_tok[:, None].expand(-1, per_tok).reshape(-1)
+        prio = combine_hashes(h, self.key_hash[key])
+        kept_bound = self.s_prio[:, s - 1]
+        a = OVERSAMPLE * s
+        over = slot_count > a
+        thr = torch.where(over, (a << 32) // slot_count.clamp_min(1), _EMPTY)
+        bound = torch.minimum(thr, kept_bound)
+        cand = (prio < bound[slot]).nonzero().squeeze(1)
+        if bool(over.any()):
+            short = over & (thr < kept_bound) & (torch.bincount(slot[cand], minlength=slot_count.numel()) < s)
+            if bool(short.any()):
+                more = (short[slot] & (prio >= thr[slot]) & (prio < kept_bound[slot])).nonzero().squeeze(1)
+                cand = torch.cat([cand, more])
+        row, t = entry_rows(cand if flat is None else flat[cand], f)
+        slot, prio, place = slot[cand], prio[cand], documents[row] * _STRIDE + offsets[row] + t
         if folded is not None:
             slot, prio, place = torch.cat([folded[0], slot]), torch.cat([folded[1], prio]), torch.cat([folded[2], place])
         if slot.numel() == 0:
@@ -241,9 +274,9 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
         tokens[q_in] = torch.where(win >= 0, win, tokens[q_in])  # keep what another block found
         # the block's entries, sorted by (key, position)
         per_pos = n_layers * k
-        valid = (f.indices >= 0) & mask[:, :, None, None]
-        entry = valid.reshape(-1).nonzero().squeeze(1)
-        packed = ((entry // k % n_layers * m + f.indices.reshape(-1)[entry].long()) << _ENTRY_BITS) | entry
+        e_key, _, entry = block_entries(f, m)
+        packed = e_key.bitwise_left_shift_(_ENTRY_BITS).bitwise_or_(
+            entry if entry is not None else torch.arange(e_key.numel()))
         packed = np.sort(packed.numpy())
         low = (1 << _ENTRY_BITS) - 1
         # in-row windows: the run of the key's entries between the window's first and last position
@@ -257,15 +290,21 @@ def _windows(blocks: Iterable[Block], key: torch.Tensor, doc: torch.Tensor, pos:
         at = start[which] + torch.arange(which.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
         e = torch.from_numpy(packed)[at] & low
         acts[q_in[which], e // per_pos - c_in[which] + context] = f.values.reshape(-1)[e].float()
-        # positions outside the query's row (or queries of this block's documents held elsewhere)
-        want = pos[near][:, None] + span
+        # positions outside the query's row (or queries of this block's documents held elsewhere): only
+        # the queries whose window leaves the row (or whose centre is not here) are looked at
         t_all = torch.full_like(centre, -1)
         t_all[inside] = t
-        out_row = (centre < 0)[:, None] | (t_all[:, None] + span < 0) | (t_all[:, None] + span >= t_len)
+        need = ((t_all < context) | (t_all + context >= t_len)).nonzero().squeeze(1)
+        if need.numel() == 0:
+            continue
+        want = pos[near][need][:, None] + span
+        t_need = t_all[need][:, None] + span
+        out_row = (centre[need] < 0)[:, None] | (t_need < 0) | (t_need >= t_len)
         qs, js = (out_row & (want >= 0)).nonzero(as_tuple=True)
         if qs.numel() == 0:
             continue
-        flat = _locate(rows_of, doc[near][qs], want[qs, js])
+        qs = need[qs]
+        flat = _locate(rows_of, doc[near][qs], pos[near][qs] + span[js])
         ok = flat >= 0
         qs, js, flat = near[qs[ok]], js[ok], flat[ok]
         tokens[qs, js] = tok.reshape(-1)[flat]

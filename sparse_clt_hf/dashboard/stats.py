@@ -54,6 +54,7 @@ VERSION = 2  # 2: power-of-two histogram scale (hist_top)
 DASHBOARD_FILE = "dashboard.safetensors"
 _STRIDE = 1 << 32  # document * stride + position
 _M32 = (1 << 32) - 1
+_PRIORITY_MUL = 0x9E3779B1  # odd: a bijection mod 2**32
 _EMPTY = torch.iinfo(torch.int64).max
 _TOP, _NONE = -1, -2
 
@@ -78,13 +79,30 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def token_hash(documents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pseudo-random int64 in [0, 2**32) of (document, position): distinct positions of a document
+    stay distinct (documents < 2**31, positions < 2**32)."""
+    return _mix32(_mix32((documents * 0x9E3779B1) & _M32) ^ (positions & _M32))
+
+
+def key_hash(keys: torch.Tensor) -> torch.Tensor:
+    """Pseudo-random int64 in [0, 2**32) of a feature key (keys < 2**32)."""
+    return _mix32((keys * 0x85EBCA6B + 0x165667B1) & _M32)
+
+
 def priority(documents: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Deterministic pseudo-random int64 in [0, 2**31) of (document, position, feature key): the sample
-    keeps the smallest (a uniform sample without replacement, mergeable across shards). Non-linear, so
-    that one feature's positions do not collide in structured ways (documents < 2**31, positions and
-    keys < 2**32)."""
-    h = _mix32((documents * 0x9E3779B1 + keys) & _M32)  # distinct documents of a key stay distinct
-    return _mix32(h ^ (positions & _M32)) >> 1
+    """Deterministic pseudo-random int64 in [0, 2**32) of (document, position, feature key):
+    ``(token_hash ^ key_hash) * C mod 2**32``. The sample keeps the smallest: for one feature a
+    bijection of the positions' hashes, so a uniform sample without replacement, mergeable across
+    shards; the multiplication carries the key's bits upwards, so that features firing at the same
+    positions get unrelated samples. A block hashes its tokens and its features once and pays one
+    gather, an xor and a multiplication per entry."""
+    return combine_hashes(token_hash(documents, positions), key_hash(keys))
+
+
+def combine_hashes(token_h: torch.Tensor, key_h: torch.Tensor) -> torch.Tensor:
+    """The priority of hashes (in place on ``token_h``)."""
+    return token_h.bitwise_xor_(key_h).mul_(_PRIORITY_MUL).bitwise_and_(_M32)
 
 
 def density_histogram(stats: FeatureStats, layer: int, bins: int = 40, low: float = -7.0) -> dict:
