@@ -10,7 +10,9 @@ The first read of every shard updates, per (layer, feature), the base statistics
 - the samples: per (feature, bin), the ``S`` entries of smallest hash priority. Any quantile group is a
   union of bins, and the ``S`` smallest of a union are among the ``S`` smallest of each bin, so the
   groups' samples are picked at the end, once the histogram fixes the group boundaries. Folding bins
-  merges their kept entries the same way.
+  merges their kept entries the same way. A block's priorities cost one gather from a per-token hash,
+  one from a per-feature hash and two integer ops per entry; only entries below a per-slot threshold
+  (about ``OVERSAMPLE * S`` of them) reach the sort that picks the ``S`` smallest.
 
 The second read (the one ``feature_stats`` makes for its top contexts' tokens) takes the token window and
 the feature's activations around every example, the top contexts included. Memory: ``L*M*B*S`` kept
