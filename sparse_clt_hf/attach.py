@@ -31,7 +31,7 @@ from .errors import AlignmentError, IncompatibleTranscoderError
 from .features import Features
 from .io.refs import resolve
 from .loading import choose_input_transform, load_decoder_rows, load_for_model
-from .sites import find_decoder_layers, model_dims, resolve_site_in_layer
+from .sites import HookPoint, find_decoder_layers, model_dims, resolve_site_in_layer
 from .transcoder import CrossLayerTranscoder, check_compatible
 
 __all__ = ["CLTAttachment", "SteeringHandle", "StepCallback", "attach_clt"]
@@ -81,18 +81,8 @@ class CLTAttachment:
             )
         self.layers = wanted
         self.site = site or transcoder.config.input_site
-        # Resolve every hook point before registering anything, so a bad site leaves no hook behind.
-        points = {layer: resolve_site_in_layer(model, self.site, layer) for layer in wanted}
-
-        model_dtype = _model_dtype(model)
-        compute_dtype = dtype or model_dtype
-        devices = {layer: _layer_device(decoder_layers[layer]) for layer in wanted}
-        encoders = {
-            layer: transcoder.encoder(layer).converted(devices[layer], compute_dtype, decoder=False) for layer in wanted
-        }
-        # (a copy of the config: a transform that depends on the model's norm is settled for this model)
-        config = choose_input_transform(transcoder.select_layers(wanted).config, model)
-        self.transcoder = CrossLayerTranscoder(config, encoders)
+        # every hook point is resolved before anything is registered, so a bad site leaves no hook behind
+        self.transcoder, points = settle_transcoder(model, transcoder, wanted, dtype=dtype, site=self.site)
         self.widths = [self.transcoder.encoder(x).n_features for x in wanted]
         self._recorder = FeatureRecorder(
             model,
@@ -382,6 +372,33 @@ def _check_options(
         raise ValueError(f"site must be a site name (e.g. 'resid_mid') or 'module.path:input|output', got {site!r}")
     if on_step is not None and not callable(on_step):
         raise ValueError(f"on_step must be a callable taking Features (or None), got {on_step!r}")
+
+
+def settle_transcoder(
+    model: nn.Module,
+    transcoder: CrossLayerTranscoder,
+    layers: Iterable[int] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    site: str | None = None,
+) -> tuple[CrossLayerTranscoder, dict[int, HookPoint]]:
+    """The transcoder as :func:`attach_clt` runs it on ``model``, and the hook point of each layer's input
+    site: the selected layers' encoders on their decoder layer's device in the compute dtype (``dtype``,
+    default the model's), the input transform settled for this model (a copy of the config). Checks
+    the model's dimensions, the layers and the site first; registers nothing. For code that reads the
+    sites itself with the features an attachment would compute (e.g. exact feature frequencies)."""
+    _, decoder_layers = find_decoder_layers(model)
+    check_compatible(transcoder.config, *model_dims(model))
+    wanted = _check_layers(layers, transcoder, len(decoder_layers))
+    site = site or transcoder.config.input_site
+    points = {layer: resolve_site_in_layer(model, site, layer) for layer in wanted}
+    compute_dtype = dtype or _model_dtype(model)
+    encoders = {
+        layer: transcoder.encoder(layer).converted(_layer_device(decoder_layers[layer]), compute_dtype, decoder=False)
+        for layer in wanted
+    }
+    config = choose_input_transform(transcoder.select_layers(wanted).config, model)
+    return CrossLayerTranscoder(config, encoders), points
 
 
 def _check_layers(layers: Iterable[int] | None, transcoder: CrossLayerTranscoder, depth: int) -> list[int]:

@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,15 @@ def _auto_shard_size(seq_len: int, batch_size: int, n_layers: int, k: int, value
     return max(batch_size, windows // batch_size * batch_size)
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
+def input_device(model: torch.nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
         return emb.weight.device
     return next(p.device for p in model.parameters())
 
 
-def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    """No KV cache, and logits of one position only where the model allows it (a [B, T, vocab]
+def forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Keyword arguments of an extraction's forward pass: no KV cache, and logits of one position only where the model allows it (a [B, T, vocab]
     logits tensor would dwarf everything else)."""
     import inspect
 
@@ -171,18 +172,25 @@ def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     return kw
 
 
+def shard_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """The rows (windows) of each forward pass over a shard, longest first (ties in window order): the
+    same composition on every run, so that a rerun (a resume, exact frequencies) computes the same
+    numbers; a batch is padded to its first row's length."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep window order
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 def _run_shard(model, clt, windows: list[Window], batch_size: int) -> dict[str, torch.Tensor]:
-    """Features of one shard's windows: batches of equal composition on every run (longest first)."""
+    """Features of one shard's windows (batches of :func:`shard_batches`)."""
     n = len(windows)
     lengths = torch.tensor([len(w.ids) for w in windows], dtype=torch.int64)
     s = int(lengths.max())
-    order = sorted(range(n), key=lambda i: -len(windows[i].ids))  # stable: ties keep window order
-    device = _input_device(model)
-    fwd = _forward_kwargs(model)
+    device = input_device(model)
+    fwd = forward_kwargs(model)
     out: dict[str, torch.Tensor] = {}
     n_layers, k = len(clt.layers), clt.top_k
-    for start in range(0, n, batch_size):
-        rows = order[start : start + batch_size]
+    for rows in shard_batches(lengths.tolist(), batch_size):
         t = len(windows[rows[0]].ids)
         ids = torch.zeros(len(rows), t, dtype=torch.long)
         att = torch.zeros(len(rows), t, dtype=torch.long)

@@ -175,6 +175,33 @@ class CrossLayerTranscoder(nn.Module):
             l0[start:stop] = count
         return values, indices, l0
 
+    @torch.no_grad()
+    def feature_activity(
+        self, x: torch.Tensor, layer: int, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations ``z`` [N, F] and activity [N, F] (bool) of the features ``features`` [F] at
+        ``layer`` for rows ``x`` [N, d], with :meth:`encode_sparse`'s arithmetic (input transform,
+        fp32 accumulation of half inputs) and no top-k cut: a feature is active where its activation
+        is non-zero. An elementwise activation (ReLU, JumpReLU) encodes only those columns; a TopK one
+        encodes the whole layer, since membership in the top k depends on every feature."""
+        self._check_input(x, layer)
+        enc = self.encoder(layer)
+        xp = self.preprocess(x, layer)
+        fp32 = xp.dtype in (torch.float16, torch.bfloat16) and tuning_for(xp.device).fp32_accumulate
+        cols = features.to(device=enc.W_enc.device, dtype=torch.long)
+        z = _pre_activations(xp, enc.W_enc[cols], enc.b_enc[cols], fp32)
+        if self.activation.takes_k:
+            _, idx, _ = self.encode_sparse(x, layer, min(int(self.config.k), enc.n_features))  # type: ignore[arg-type]
+            column = torch.full((enc.n_features + 1,), -1, dtype=torch.long, device=z.device)
+            column[cols] = torch.arange(cols.numel(), device=z.device)  # feature -> its column in z, else -1
+            j = column[idx.long()]  # empty slots (-1) read the extra last entry: -1
+            row = torch.arange(idx.shape[0], device=z.device)[:, None].expand_as(j)
+            active = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+            active[row[j >= 0], j[j >= 0]] = True
+            return z, active
+        thr = None if enc.threshold is None else enc.threshold[cols].to(z.dtype)
+        return z, self.activation.dense(z, thr, self.config.k) != 0
+
     def _encode_rows(
         self,
         xp: torch.Tensor,

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._options import find_tokenizer
+from ._options import add_model_options, find_tokenizer, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bins", type=int, default=32, help="with --dashboard: activation histogram bins per feature")
     p.add_argument("--quantiles", type=int, default=5, help="with --dashboard: quantile groups per feature")
     p.add_argument("--samples", type=int, default=3, help="with --dashboard: examples sampled per quantile group")
+    p.add_argument("--exact", default=None, metavar="L/F,...",
+                   help="also count these features' exact frequency (e.g. '6/942,7/13') by encoding them densely "
+                        "over the extraction's tokens: runs the model again (--model, --clt; default the "
+                        "extraction's); saved in DIR/exact_frequency.json and shown by the dashboard")
+    p.add_argument("--clt", default=None,
+                   help="with --exact: the transcoder (default: the one the extraction names)")
+    add_model_options(p)
 
 
 def _tokenizer(args: argparse.Namespace, folder: Path):
@@ -42,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from ..feature_stats import STATS_FILE, feature_stats
 
     folder = Path(args.dir)
+    exact = None
+    if args.exact is not None:  # checked before any work
+        from ..dashboard.exact import check_features
+
+        exact = [f for f in args.exact.split(",") if f.strip()]
+        manifest, _ = check_features(folder, exact)
     dashboard = None
     if getattr(args, "dashboard", False):  # the base statistics come from the same pass
         from ..dashboard.accumulate import dashboard_stats
@@ -80,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
         from ..dashboard.stats import DASHBOARD_FILE
 
         summary["dashboard"] = str(folder / DASHBOARD_FILE)
+    if exact is not None:
+        from dataclasses import asdict
+
+        from ..dashboard.exact import EXACT_FILE, exact_frequency
+
+        model, _, _ = load_model(args, args.model or manifest.get("model"))
+        found = exact_frequency(model, args.clt or manifest["transcoder"], folder, exact, progress=not args.json)
+        summary["exact"] = [{**asdict(e), "frequency": round(e.frequency, 6),
+                             "recorded_frequency": round(e.recorded_frequency, 6)} for e in found]
+        summary["exact_file"] = str(folder / EXACT_FILE)
+        summary["top_k"] = manifest.get("top_k")
 
     if args.json:
         print(json.dumps(summary))
@@ -98,4 +122,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{folder}` shows a feature's contexts; `sparse-clt-hf view {folder} --html view.html` the documents.")
     if "dashboard" in summary:
         print(f"dashboard statistics: {summary['dashboard']} (next: sparse-clt-hf dashboard {args.dir} --out SITE)")
+    if "exact" in summary:
+        print(f"exact frequencies (dense encoding; recorded = top-{summary.get('top_k', 'k')} membership) -> "
+              f"{summary['exact_file']}:")
+        for e in summary["exact"]:
+            print(f"  {e['layer']}/{e['feature']}: {e['frequency']:.4%} ({e['count']} of {e['n_positions']} positions); "
+                  f"recorded {e['recorded_frequency']:.4%} ({e['recorded']})")
     return 0

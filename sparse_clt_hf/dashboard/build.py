@@ -166,7 +166,9 @@ def build_dashboard(
     else:
         notes.append("no transcoder given: logit effects need --clt (with decoders) and the model")
     source = {k: info.get(k) for k in ("kind", "model", "transcoder")}
-    index = build_site(stats, out, tok, logits=logits, notes=notes, source=source,
+    from .exact import load_exact
+
+    index = build_site(stats, out, tok, logits=logits, notes=notes, source=source, exact=load_exact(directory),
                        title=title or f"Feature dashboards: {info.get('transcoder') or directory}")
     summary: dict[str, Any] = {"site": str(index), "layers": stats.layers, "n_features": stats.base.n_features,
                                "logit_effects": sorted(logits), "notes": notes}

@@ -119,9 +119,10 @@ def _feature_record(bins: int, context: int, f: int, t: dict[str, list]) -> dict
 
 def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: Any, *,
                logits: dict[int, LogitEffects] | None = None, notes: list[str] | None = None, title: str = "",
-               source: dict[str, Any] | None = None, chunk: int = CHUNK) -> Path:
+               source: dict[str, Any] | None = None, chunk: int = CHUNK, exact: list | None = None) -> Path:
     """Write the static site for ``stats`` into ``out`` (see the module doc) and return ``out/index.html``.
-    ``tokenizer`` decodes token ids; ``logits`` (from :func:`logit_effects`) adds logit effects."""
+    ``tokenizer`` decodes token ids; ``logits`` (from :func:`logit_effects`) adds logit effects; ``exact``
+    (:class:`~sparse_clt_hf.dashboard.exact.ExactFrequency` items) the exact frequencies of some features."""
     out = check_out_dir(out)
     logits = logits or {}
     base = stats.base
@@ -169,7 +170,9 @@ def build_site(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: An
                       {"features": feats, "vocab": vocab(used)})
         layers_meta.append({"layer": layer, "n_features": m, "chunk": chunk,
                             "density": density_histogram(base, layer), "alive": sum(1 for c in count if c),
-                            "exact": stats.exact(layer)})
+                            "exact": stats.exact(layer),
+                            "exact_counts": {str(e.feature): [e.count, e.recorded, e.n_positions]
+                                             for e in exact or [] if e.layer == layer}})
     meta = {"title": title or "Feature dashboards", "n_positions": base.n_positions, "layers": layers_meta,
             "bins": stats.bins, "quantiles": stats.quantiles, "samples": stats.samples, "context": base.context,
             "top_n": base.top_n, "fires": FIRES_NOTE, "notes": list(notes or []), "source": source or {},

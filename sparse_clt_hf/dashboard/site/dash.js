@@ -49,7 +49,7 @@
   function exactNote(x) {
     if (x.exact) return 'Frequencies are exact: no position had more active features than the ' + x.recorded_k + ' recorded.';
     return x.truncated + ' positions had more active features than the ' + x.recorded_k + ' recorded (up to ' + x.max_l0 +
-      '): frequencies count top-' + x.recorded_k + ' membership and are lower bounds; extract with --top-k ' + x.max_l0 + ' for exact counts.';
+      '): frequencies count top-' + x.recorded_k + ' membership and are lower bounds; extract with --top-k ' + x.max_l0 + ' for exact counts, or count chosen features exactly with `sparse-clt-hf stats DIR --exact L/F`.';
   }
   function meta() { return DASH.load('meta', 'data/meta.js'); }
   function layerIndex(layer) { return DASH.load('L' + layer, 'data/L' + layer + '/index.js'); }
@@ -163,6 +163,9 @@
       var s = $('summary'); s.textContent = '';
       s.appendChild(el('p', {id: 'freq'}, 'frequency ' + pct(d.count[f] / Math.max(m.n_positions, 1)) + ' (' + d.count[f] + ' of ' +
         m.n_positions + ' positions), max ' + fmt(d.max[f]) + ', mean ' + fmt(d.mean[f])));
+      var ec = (L.exact_counts || {})[String(f)];
+      if (ec) s.appendChild(el('p', {id: 'exactfreq'}, 'exact frequency ' + pct(ec[0] / Math.max(ec[2], 1)) + ' (' + ec[0] +
+        ' of ' + ec[2] + ' positions, by dense encoding; the recorded top-k saw ' + ec[1] + ')'));
       s.appendChild(el('p', {'class': 'note', id: 'exact'}, exactNote(L.exact)));
       var mx = d.max[f] || 1, w = rec.w || 1, h = $('histogram');
       h.querySelectorAll('svg,p').forEach(function (x) { x.remove(); });
