@@ -189,3 +189,31 @@ def test_gpu_check_script_parses_and_its_summary_reads_a_report(quick_report: di
     text = gpu_summary.summarise(tmp_path)
     assert "| batch | plain (s) | attached (s)" in text and "| batch | static plain (s)" in text
     assert "70.0 / 71.0" in text and "3 passed, 0 failed" in text and "W2 64-token prefill" in text
+
+
+def test_gpu_attribution_check_runs_dry(tmp_path) -> None:
+    """scripts/gpu_check_attribution.sh is valid bash, and its bench (tiny Gemma 2 on the CPU, thresholds
+    calibrated to the target L0) measures both prompt lengths; with a max_memory nothing fits, each refusal
+    is recorded instead of a crash."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check_attribution.sh")], check=True)
+    script = root / "scripts" / "bench_attribution_gemma2.py"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(script), "--dry", "--out", str(out)], check=True, capture_output=True, env=env)
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [r["tokens"] for r in runs] == [16, 48]
+    for r in runs:
+        assert 3 <= r["active_per_token_layer"] <= 16  # calibrated to l0 = 8
+        assert r["attributed_features"] <= 64 and r["seconds_attribute"] > 0 and r["kept_nodes"] > 0
+    subprocess.run([sys.executable, str(script), "--dry", "--max-memory", "1000", "--out", str(out)], check=True,
+                   capture_output=True, env=env)
+    assert all("needs about" in r["refused"] for r in json.loads(out.read_text())["runs"])
