@@ -4,6 +4,7 @@ other models, transcoders and bad features before any forward pass."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -36,6 +37,10 @@ def model(setup):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(setup["model"])).eval()
+
+
+def _cantor(a: int, b: int) -> int:
+    return (a + b) * (a + b + 1) // 2 + b
 
 
 def reference_counts(setup, features):  # noqa: F811
@@ -137,7 +142,18 @@ def test_dashboard_page_shows_the_exact_frequency(setup, extraction, model, tmp_
     e = max((x for x in found if x.recorded), key=lambda x: x.count - x.recorded)
     assert e.count > e.recorded > 0
     site = tmp_path / "site"
-    assert cli.main(["dashboard", str(extraction), "--out", str(site), "--model", str(setup["model"])]) == 0
+    assert cli.main(["dashboard", str(extraction), "--out", str(site), "--model", str(setup["model"]),
+                     "--circuit-tracer", str(tmp_path / "ct"), "--neuronpedia", str(tmp_path / "np")]) == 0
+    # the exports carry the exact frequency where it is known, the recorded one elsewhere
+    (ct,) = [json.loads(p.read_text()) for p in (tmp_path / "ct").rglob("*.json")
+             if json.loads(p.read_text())["index"] == _cantor(2, e.feature)]
+    assert ct["activation_frequency"] == pytest.approx(e.frequency) != pytest.approx(e.recorded_frequency)
+    records = [json.loads(line) for p in (tmp_path / "np").rglob("features/batch-*.jsonl.gz")
+               for line in gzip.decompress(p.read_bytes()).decode().splitlines()]
+    (rec,) = [r for r in records if r["layer"].startswith("2-") and int(r["index"]) == e.feature]
+    assert rec["frac_nonzero"] == pytest.approx(e.frequency)
+    other = [r for r in records if r["layer"].startswith("2-") and int(r["index"]) != e.feature]
+    assert all(r["frac_nonzero"] <= 1 for r in other) and len(other) == 63
     dom = run_chromium("--dump-dom", (site / "feature.html").resolve().as_uri() + f"#L2/{e.feature}")
     shown = re.search(rf"exact frequency ([0-9.]+)% \({e.count} of {e.n_positions} positions, by dense encoding", dom)
     assert shown and float(shown.group(1)) == pytest.approx(100 * e.count / e.n_positions, rel=5e-3)

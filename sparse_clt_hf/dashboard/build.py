@@ -168,7 +168,8 @@ def build_dashboard(
     source = {k: info.get(k) for k in ("kind", "model", "transcoder")}
     from .exact import load_exact
 
-    index = build_site(stats, out, tok, logits=logits, notes=notes, source=source, exact=load_exact(directory),
+    exact = load_exact(directory)
+    index = build_site(stats, out, tok, logits=logits, notes=notes, source=source, exact=exact,
                        title=title or f"Feature dashboards: {info.get('transcoder') or directory}")
     summary: dict[str, Any] = {"site": str(index), "layers": stats.layers, "n_features": stats.base.n_features,
                                "logit_effects": sorted(logits), "notes": notes}
@@ -176,8 +177,9 @@ def build_dashboard(
         from .exports import export_circuit_tracer, export_neuronpedia
 
         if neuronpedia is not None:
-            summary["neuronpedia"] = str(export_neuronpedia(stats, neuronpedia, tok, logits=logits, source=source))
+            summary["neuronpedia"] = str(export_neuronpedia(stats, neuronpedia, tok, logits=logits, source=source,
+                                                            exact=exact))
         if circuit_tracer is not None:
             summary["circuit_tracer"] = str(export_circuit_tracer(stats, circuit_tracer, tok, logits=logits,
-                                                                  source=source, scan=scan))
+                                                                  source=source, scan=scan, exact=exact))
     return summary

@@ -70,10 +70,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
 
 
+def _frequencies(base: Any, layer: int, count: list[int], exact: list | None) -> list[float]:
+    """Each feature's frequency: recorded (top-k membership), or exact where ``exact`` has it."""
+    freq = [c / max(base.n_positions, 1) for c in count]
+    for e in exact or []:
+        if e.layer == layer and e.feature < len(freq):
+            freq[e.feature] = e.frequency
+    return freq
+
+
 def export_circuit_tracer(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: Any, *,
                           logits: dict[int, LogitEffects] | None = None, scan: str | None = None,
-                          source: dict[str, Any] | None = None) -> Path:
-    """Write circuit-tracer feature files (see the module doc); returns ``CT_DIR/features/<scan>``."""
+                          source: dict[str, Any] | None = None, exact: list | None = None) -> Path:
+    """Write circuit-tracer feature files (see the module doc); returns ``CT_DIR/features/<scan>``.
+    ``exact``: exact frequencies of some features (:mod:`.exact`), used instead of the recorded ones."""
     logits = logits or {}
     scan = scan or _slug(Path(str((source or {}).get("transcoder") or "sparse-clt-hf")).name)
     folder = check_out_dir(out, "--circuit-tracer") / "features" / scan
@@ -81,6 +91,7 @@ def export_circuit_tracer(stats: DashboardStats, out: str | os.PathLike[str], to
     base = stats.base
     for li, layer in enumerate(base.layers):
         count, mx = base.count(layer).tolist(), base.max(layer).tolist()
+        freq = _frequencies(base, layer, count, exact)
         for f in range(base.n_features[li]):
             examples, bounds, shares, lt, lb = _feature_parts(stats, layer, f, logits)
             vocab = _decode_all(tokenizer, {t for e in examples for t in e.token_ids} | set(lt[0]) | set(lb[0]))
@@ -101,7 +112,7 @@ def export_circuit_tracer(stats: DashboardStats, out: str | os.PathLike[str], to
                 "act_max": float(mx[f]),
                 "quantile_values": stats.percentiles(layer, f),
                 "histogram": [float(c) for c in stats.histogram(layer, f)[: stats.used_bins(layer, f)].tolist()],
-                "activation_frequency": count[f] / max(base.n_positions, 1),
+                "activation_frequency": freq[f],
             }
             (folder / f"{record['index']}.json").write_text(json.dumps(record), encoding="utf-8")
     return folder
@@ -118,8 +129,9 @@ def _write_jsonl_gz(path: Path, rows: list[dict[str, Any]]) -> None:
 def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], tokenizer: Any, *,
                        logits: dict[int, LogitEffects] | None = None, model_id: str | None = None,
                        source_set: str | None = None, source: dict[str, Any] | None = None,
-                       creator_name: str = "sparse-clt-hf", batch_size: int = NP_BATCH) -> Path:
-    """Write Neuronpedia's import directory (see the module doc); returns ``NP_DIR/<model>``."""
+                       creator_name: str = "sparse-clt-hf", batch_size: int = NP_BATCH, exact: list | None = None) -> Path:
+    """Write Neuronpedia's import directory (see the module doc); returns ``NP_DIR/<model>``. ``exact``: exact
+    frequencies of some features (:mod:`.exact`), used instead of the recorded ones."""
     logits = logits or {}
     source = source or {}
     model_id = model_id or _slug(Path(str(source.get("model") or "model")).name)
@@ -146,6 +158,7 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
         for name, row in meta.items():
             (folder / name).write_text(json.dumps(row) + "\n", encoding="utf-8")
         count, mx = base.count(layer).tolist(), base.max(layer).tolist()
+        freq = _frequencies(base, layer, count, exact)
         m = base.n_features[li]
         for batch, start in enumerate(range(0, m, batch_size)):
             features, activations = [], []
@@ -164,7 +177,7 @@ def export_neuronpedia(stats: DashboardStats, out: str | os.PathLike[str], token
                     "correlated_features_l1": [],
                     "pos_str": [vocab[i] for i in lt[0]], "pos_values": [float(v) for v in lt[1]],
                     "neg_str": [vocab[i] for i in lb[0]], "neg_values": [float(v) for v in lb[1]],
-                    "frac_nonzero": count[f] / max(base.n_positions, 1),
+                    "frac_nonzero": freq[f],
                     "freq_hist_data_bar_heights": [float(c) for c in stats.histogram(layer, f)[:used].tolist()],
                     "freq_hist_data_bar_values": [(a + b) / 2 for a, b in zip(edges[:used], edges[1:used + 1])],
                     "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
