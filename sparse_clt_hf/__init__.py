@@ -18,7 +18,9 @@ _EXPORTS: dict[str, str] = {
     "CLTAttachment": "attach",
     "attach_clt": "attach",
     "AttributionGraph": "attribution",
+    "CustomTarget": "attribution",
     "attribute": "attribution",
+    "logit_difference": "attribution",
     "AlignmentError": "errors",
     "FeaturesFileError": "errors",
     "HookSiteError": "errors",
@@ -72,7 +74,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     # ruff: noqa: F401  (these names are re-exported lazily by __getattr__)
     from .attach import CLTAttachment, attach_clt
-    from .attribution import AttributionGraph, attribute
+    from .attribution import AttributionGraph, CustomTarget, attribute, logit_difference
     from .errors import (
         AlignmentError,
         FeaturesFileError,

@@ -180,6 +180,7 @@ def test_attribute_json_and_chat_template(tiny_dirs, fake_engine, tmp_path, caps
     (["--max-feature-nodes", "0"], "--max-feature-nodes 0: expected a positive integer"),
     (["--desired-logit-prob", "0"], "expected a probability"),
     (["--prompt", ""], "--prompt is empty"),
+    (["--versus", "b"], "--versus 'b' needs exactly one --target (got 0)"),
     (["--out", "/nonexistent/dir/g.json"], "does not exist"),
     (["--out", "graph.txt"], "should end in .json"),
     (["--save", "/nonexistent/dir/g.safetensors"], "does not exist"),
@@ -303,3 +304,27 @@ def test_attribution_example(monkeypatch, fake_engine, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "most influential features:" in out and "L2/7" in out and "replacement score 0.750" in out
     assert "9 active features (4 attributed)" in out
+
+
+def test_attribute_versus_explains_a_logit_difference(tmp_path, capsys):
+    """--target a --versus b: one custom target, logit(a) - logit(b), labelled so, weight 1, with the virtual
+    id after the vocabulary; its row is the library's logit_difference graph's."""
+    from conftest import random_transcoder
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    tc = random_transcoder(d=32, layers=range(N_LAYERS), site="mlp_in", decoders=True)
+    tc.config.model_name = None
+    tc.save_pretrained(tmp_path / "clt")
+    rc = cli.main(["attribute", "--json", "--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"),
+                   "--prompt", "hello world", "--target", "a", "--versus", "b", "--device", "cpu", "--dtype", "float32",
+                   "--save", str(tmp_path / "g.safetensors"), "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    vocab = model.config.vocab_size
+    assert report["targets"] == [{"token": "a - b", "id": vocab, "probability": 1.0}]
+    saved = AttributionGraph.load(tmp_path / "g.safetensors")
+    want = sparse_clt_hf.attribute(model, str(tmp_path / "clt"), "hello world", tokenizer=char_tokenizer(),
+                                   targets=[sparse_clt_hf.logit_difference(model, "a", "b", tokenizer=char_tokenizer())])
+    torch.testing.assert_close(saved.adjacency, want.adjacency)

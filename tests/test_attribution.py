@@ -134,8 +134,10 @@ class Replay:
             self.model(input_ids=tokens[None].expand(batch, -1), use_cache=False)
 
 
-def reference_rows(model, tc, tokens, graph):
-    """Dense direct effects [targets, sources] of the frozen model by replay; target rows as graph.row_nodes."""
+def reference_rows(model, tc, tokens, graph, target_vectors=None):
+    """Dense direct effects [targets, sources] of the frozen model by replay; target rows as graph.row_nodes.
+    ``target_vectors`` [K, d]: the logit targets' directions (default: the unembedding rows of
+    graph.logit_ids less the mean row)."""
     rep = Replay(model, tc)
     rep.install()
     rep.run(tokens)
@@ -193,7 +195,7 @@ def reference_rows(model, tc, tokens, graph):
     def targets():
         vals = []
         W_u = model.get_output_embeddings().weight.double()
-        u = W_u[graph.logit_ids] - W_u.mean(0, keepdim=True)
+        u = target_vectors.double() if target_vectors is not None else W_u[graph.logit_ids] - W_u.mean(0, keepdim=True)
         out = []
         for node in graph.row_nodes.tolist():
             if node >= lay.logit_start:

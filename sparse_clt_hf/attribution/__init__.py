@@ -4,7 +4,8 @@ Modules (data flows down): ``layout`` (node order) -> ``prune`` (influence, prun
 functions) -> ``graph`` (:class:`AttributionGraph`, save/load, JSON) -> ``engine`` (:func:`attribute`).
 """
 
-from .engine import AttributionMemoryError, attribute, attribute_generated
+from .engine import AttributionMemoryError, CustomTarget, attribute, attribute_generated, logit_difference
 from .graph import AttributionGraph
 
-__all__ = ["AttributionGraph", "AttributionMemoryError", "attribute", "attribute_generated"]
+__all__ = ["AttributionGraph", "AttributionMemoryError", "CustomTarget", "attribute", "attribute_generated",
+           "logit_difference"]

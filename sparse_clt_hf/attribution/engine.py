@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from .layout import GraphLayout
 from .prune import partial_influences
 from .replacement import LocalReplacement
 
-TargetsLike = Sequence[int | str] | torch.Tensor | int | str | None
+TargetsLike = Sequence[int | str] | Sequence["CustomTarget"] | torch.Tensor | int | str | None
 
 
 class AttributionMemoryError(SparseCLTError, MemoryError):
@@ -57,6 +58,60 @@ def _tokens(prompt: Any, tokenizer: Any, vocab: int) -> torch.Tensor:
     if bad.numel():
         raise ValueError(f"prompt holds token ids {bad.tolist()[:5]} outside the vocabulary [0, {vocab})")
     return tokens
+
+
+class CustomTarget(NamedTuple):
+    """A target that is a direction rather than one token's logit (circuit-tracer's ``CustomTarget``, same
+    fields): the graph explains ``vec . h``, ``h`` the final residual stream at the last position after the
+    final norm (frozen), e.g. ``vec = W_U[a] - W_U[b]`` for the logit difference of tokens ``a`` and ``b``
+    (:func:`logit_difference`). ``token_str`` labels its node; ``prob`` is its weight in influence, pruning
+    and scores (a token target's weight is its probability). Its node id is ``vocab_size + i`` for the
+    ``i``-th custom target, as in circuit-tracer. The vector is used as given (token targets subtract the
+    mean unembedding row, which a difference of two rows cancels anyway)."""
+
+    token_str: str
+    prob: float
+    vec: torch.Tensor
+
+
+def logit_difference(model: nn.Module, a: int | str, b: int | str, *, tokenizer: Any = None,
+                     prob: float = 1.0) -> CustomTarget:
+    """The :class:`CustomTarget` of ``logit(a) - logit(b)`` (token ids, or one-token strings with ``tokenizer``):
+    why the model prefers ``a`` to ``b``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head)")
+    vocab = int(head.weight.shape[0])
+    ia, ib = _target_ids([a, b], tokenizer, vocab)
+    W_u = unembedding_matrix(model)
+    return CustomTarget(f"{a} - {b}", float(prob), (W_u[ia] - W_u[ib]).detach().float().cpu())
+
+
+def _custom_targets(items: list, d_model: int) -> list[CustomTarget] | None:
+    """The items as custom targets (all of them, or None when none is one); refuses a mix and bad fields."""
+    custom = [isinstance(t, CustomTarget) or (isinstance(t, tuple) and len(t) == 3 and torch.is_tensor(t[2]))
+              for t in items]
+    if not any(custom):
+        return None
+    if not all(custom):
+        raise ValueError("targets mixes CustomTarget directions with tokens: give one kind (a token's direction "
+                         "is CustomTarget(label, prob, W_U[token]))")
+    out = []
+    for i, t in enumerate(items):
+        label, prob, vec = t
+        if not isinstance(label, str):
+            raise ValueError(f"custom target {i}: token_str must be a str, got {type(label).__name__}")
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not math.isfinite(prob) or prob < 0:
+            raise ValueError(f"custom target {i} ({label!r}): prob must be a finite number >= 0, got {prob!r}")
+        if tuple(vec.shape) != (d_model,):
+            raise ValueError(f"custom target {i} ({label!r}): vec has shape {list(vec.shape)}; expected [{d_model}] "
+                             "(the model's hidden size)")
+        if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()):
+            raise ValueError(f"custom target {i} ({label!r}): vec must be finite floating point")
+        out.append(CustomTarget(label, float(prob), vec.detach()))
+    if sum(t.prob for t in out) <= 0:
+        raise ValueError("custom targets' probs are all 0: give each target a positive weight")
+    return out
 
 
 def _target_ids(targets: TargetsLike, tokenizer: Any, vocab: int) -> list[int] | None:
@@ -224,7 +279,10 @@ def attribute(
     context = _context_length(model)
     if context is not None and len(tokens) > context:
         raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {context} positions")
-    target_ids = _target_ids(targets, tokenizer, vocab)
+    listed = list(targets) if isinstance(targets, (list, tuple)) and not isinstance(targets, CustomTarget) else (
+        [targets] if isinstance(targets, CustomTarget) else None)
+    custom = _custom_targets(listed, int(head.weight.shape[1])) if listed else None
+    target_ids = None if custom is not None else _target_ids(targets, tokenizer, vocab)
     if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool) or int(max_feature_nodes) < 1):
         raise ValueError(f"max_feature_nodes must be a positive integer or None, got {max_feature_nodes!r}")
     auto_batch = batch_size is None
@@ -250,14 +308,20 @@ def attribute(
         work = rep.embed.device
         feats = find_active_features(rep, tc, work, rows_from)
         probs = torch.softmax(logits, -1).to(work)
-        if target_ids is None:
-            top_p, top_i = torch.topk(probs, min(max_n_logits, vocab))
-            cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), desired_logit_prob)) + 1
-            ids = top_i[:cutoff].cpu()
+        if custom is not None:  # virtual ids after the vocabulary, as circuit-tracer numbers them
+            ids = torch.arange(vocab, vocab + len(custom), dtype=torch.long)
+            u = torch.stack([t.vec.float() for t in custom]).to(work)
+            target_probs = torch.tensor([t.prob for t in custom], dtype=torch.float32, device=work)
         else:
-            ids = torch.tensor(target_ids, dtype=torch.long)
-        W_u = unembedding_matrix(model)
-        u = (W_u[ids.to(W_u.device)].float() - W_u.float().mean(0, keepdim=True)).to(work)
+            if target_ids is None:
+                top_p, top_i = torch.topk(probs, min(max_n_logits, vocab))
+                cutoff = int(torch.searchsorted(torch.cumsum(top_p, 0), desired_logit_prob)) + 1
+                ids = top_i[:cutoff].cpu()
+            else:
+                ids = torch.tensor(target_ids, dtype=torch.long)
+            W_u = unembedding_matrix(model)
+            u = (W_u[ids.to(W_u.device)].float() - W_u.float().mean(0, keepdim=True)).to(work)
+            target_probs = probs[ids.to(work)].float()
         n_logits = len(ids)
         n_active = feats.n_features
         n_feat_rows = n_active if max_feature_nodes is None else min(int(max_feature_nodes), n_active)
@@ -297,7 +361,7 @@ def attribute(
                 if n_feat_rows == n_active:
                     pending = torch.arange(n_active, device=work)
                 else:
-                    infl = partial_influences(edges[:st], row_nodes[:st], probs[ids.to(work)])
+                    infl = partial_influences(edges[:st], row_nodes[:st], target_probs)
                     rank = torch.argsort(infl[:n_active], descending=True)
                     size = min(update_interval * B, n_feat_rows - (st - n_logits))
                     pending = rank[~visited[rank]][:size]
@@ -328,12 +392,12 @@ def attribute(
         features=feats.table()[selected.cpu()],
         activations=feats.values[selected].float().cpu(),
         logit_ids=ids.long(),
-        logit_probs=probs[ids.to(work)].float().cpu(),
+        logit_probs=target_probs.cpu(),
         adjacency=adjacency[order].cpu(),
         row_nodes=new_rows[order].cpu(),
         n_layers=rep.n_layers,
         token_strings=_decode_each(tokenizer, tokens),
-        logit_strings=_decode_each(tokenizer, ids),
+        logit_strings=[t.token_str for t in custom] if custom is not None else _decode_each(tokenizer, ids),
         meta={
             "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
             "model_type": getattr(text_config(model), "model_type", None),
@@ -344,6 +408,7 @@ def attribute(
             "desired_logit_prob": desired_logit_prob,
             "max_n_logits": max_n_logits,
             "vocab_size": vocab,
+            "custom_targets": custom is not None,
             "versions": {p: _version(p) for p in ("sparse-clt-hf", "torch", "transformers")},
         },
     )

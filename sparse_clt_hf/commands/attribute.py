@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", default=[], metavar="TOKEN",
                         help="a token whose logit to explain, e.g. ' Paris' (one token; repeatable; default: the "
                              "most likely next tokens)")
+    parser.add_argument("--versus", default=None, metavar="TOKEN",
+                        help="with one --target: explain logit(target) - logit(TOKEN), why the model prefers the "
+                             "target to this token (a custom target direction, as circuit-tracer's CustomTarget)")
     parser.add_argument("--max-n-logits", type=int, default=10, help="most logits explained by default (%(default)s)")
     parser.add_argument("--desired-logit-prob", type=float, default=0.95,
                         help="explain the likeliest tokens until their probability reaches this (%(default)s)")
@@ -86,6 +89,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--desired-logit-prob {args.desired_logit_prob}: expected a probability in (0, 1]")
     if not args.prompt:
         raise ValueError("--prompt is empty: attribution needs text to explain the next token of")
+    if args.versus is not None and len(args.target) != 1:
+        raise ValueError(f"--versus {args.versus!r} needs exactly one --target (got {len(args.target)}): "
+                         "the graph explains logit(target) - logit(versus)")
     if args.model is not None and args.clt is None:
         raise ValueError("--clt is required with --model (the demo transcoder fits the default model only)")
     if args.dashboard is not None:
@@ -239,8 +245,13 @@ def run(args: argparse.Namespace) -> int:
     prompt: Any = args.prompt
     if args.chat:
         prompt = demo.chat_input(tokenizer, args.prompt, True)["input_ids"][0]
+    targets: list[Any] = args.target
+    if args.versus is not None:
+        from ..attribution import logit_difference
+
+        targets = [logit_difference(model, args.target[0], args.versus, tokenizer=tokenizer)]
     report = attribute_and_report(
-        model, tokenizer, clt, prompt, stats=stats, targets=args.target, out=args.out, html=args.html,
+        model, tokenizer, clt, prompt, stats=stats, targets=targets, out=args.out, html=args.html,
         save=args.save, slug=args.slug, dashboard=dashboard_for_page(args.dashboard, args.html), node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
         show=args.show, progress=not (args.no_progress or args.json), max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
