@@ -196,7 +196,7 @@ def graph_tensors(graph, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
         "active_features": graph.active_features.long(),
         "activations": graph.activation_values.float(),
         "selected_features": graph.selected_features.long(),
-        "logit_ids": graph.logit_token_ids.long(),
+        "logit_ids": torch.tensor([lt.vocab_idx for lt in graph.logit_targets], dtype=torch.long),  # virtual too
         "logit_probs": graph.logit_probabilities.float(),
         # only the rows circuit-tracer computes (selected features, then logits): error/token rows are zero
         "adjacency_rows": torch.cat([adj[:n_sel], adj[adj.shape[0] - n_logits :]]),
@@ -274,6 +274,40 @@ def run_case(case: Case, out: Path) -> dict:
     return meta
 
 
+def run_custom(case: Case, out: Path) -> dict:
+    """A third graph per case on custom target directions (circuit-tracer's CustomTarget): logit("the") -
+    logit("cat") and a random direction, weights 1.0 and 0.5, on the case's existing model, transcoder and
+    prompt. Writes ``custom.safetensors`` (the vectors, ``custom_vecs``, and the graph's tensors, prefix
+    ``custom_``), ``custom.json`` (settings, labels, weights, scores) and ``graph_custom.json``."""
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.attribution.targets import CustomTarget
+    from safetensors.torch import load_file
+
+    root = out / case.name
+    model_dir, tc_dir = root / "model", root / "transcoder"
+    ids = load_file(str(root / "reference.safetensors"))["tokens"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    W = hf.get_output_embeddings().weight.detach().float()
+    g = torch.Generator().manual_seed(case.seed + 300)
+    labels, probs = ["the - cat", "random"], [1.0, 0.5]
+    vecs = torch.stack([W[VOCAB.index("the")] - W[VOCAB.index("cat")], torch.randn(D, generator=g) * W.std()])
+    rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), load_ct_transcoder(case, tc_dir),
+                                                          backend="nnsight", device=torch.device("cpu"),
+                                                          dtype=torch.float32)
+    targets = [CustomTarget(lab, p, v) for lab, p, v in zip(labels, probs, vecs)]
+    graph = attribute(ids, rm, attribution_targets=targets, batch_size=512)
+    tensors, facts = graph_tensors(graph, "custom_")
+    tensors["custom_vecs"] = vecs.contiguous()
+    save_file(tensors, str(root / "custom.safetensors"))
+    (root / "graph_custom.json").write_text(json.dumps(graph_json(graph, slug=case.name), separators=(",", ":"),
+                                                       ensure_ascii=False))
+    meta = {"labels": labels, "probs": probs, "max_n_logits": 10, "desired_logit_prob": 0.95, "batch_size": 512,
+            "max_feature_nodes": None, **facts,
+            "versions": {p: version(p) for p in ("circuit-tracer", "nnsight", "transformers", "torch")}}
+    (root / "custom.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    return meta
+
+
 def time_only(out: Path, names: list[str] | None, repeats: int, threads: int) -> dict:
     """Seconds per graph of circuit-tracer on the existing fixtures (nothing rewritten): median and min."""
     from circuit_tracer import ReplacementModel, attribute
@@ -309,6 +343,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/circuit_tracer")
     p.add_argument("--case", action="append", help="only these cases (default: all)")
     p.add_argument("--time-only", action="store_true", help="only time circuit-tracer on the existing fixtures")
+    p.add_argument("--custom-only", action="store_true",
+                   help="only (re)write the custom-target graphs of the existing fixtures")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timings-out", type=Path, help="with --time-only: write the timings here as JSON")
@@ -322,7 +358,12 @@ def main() -> None:
     for case in CASES:
         if args.case and case.name not in args.case:
             continue
+        if args.custom_only:
+            meta = run_custom(case, args.out)
+            print(f"{case.name} custom targets: scores {meta['replacement_score']:.4f}/{meta['completeness_score']:.4f}")
+            continue
         meta = run_case(case, args.out)
+        run_custom(case, args.out)
         print(f"{case.name}: {meta['n_active_features']} features, {len(meta['full']['logit_strings'])} logits, "
               f"{meta['full']['seconds_per_graph'] * 1e3:.1f} ms/graph (topk {meta['topk']['seconds_per_graph'] * 1e3:.1f} "
               f"ms), scores {meta['full']['replacement_score']:.4f}/{meta['full']['completeness_score']:.4f}")

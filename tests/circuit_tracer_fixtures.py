@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent / "data" / "circuit_tracer"
 CASES = sorted(p.name for p in ROOT.iterdir() if (p / "reference.json").exists()) if ROOT.exists() else []
 RUNS = ("full", "topk")  # all features / max_feature_nodes set
+CUSTOM_CASES = [c for c in CASES if (ROOT / c / "custom.json").exists()]  # + run "custom": CustomTarget directions
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Reference:
     edge_mask: torch.Tensor  #: [N, N]
     cumulative_scores: torch.Tensor  #: [N]
     graph_json: dict
+    custom_vecs: torch.Tensor | None = None  #: [K, d] the custom targets' directions (run "custom")
 
     @property
     def n_layers(self) -> int:
@@ -56,7 +58,10 @@ def load_reference(case: str, run: str = "full") -> Reference:
     folder = ROOT / case
     meta = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
     t = load_file(str(folder / "reference.safetensors"))
-    p = "" if run == "full" else "topk_"
+    if run == "custom":  # custom target directions: custom.safetensors / custom.json / graph_custom.json
+        t.update(load_file(str(folder / "custom.safetensors")))
+        meta = {**meta, "custom": json.loads((folder / "custom.json").read_text(encoding="utf-8"))}
+    p = {"full": "", "topk": "topk_", "custom": "custom_"}[run]
     selected, logit_ids = t[f"{p}selected_features"], t[f"{p}logit_ids"]
     rows = t[f"{p}adjacency_rows"]
     n_sel, k = len(selected), len(logit_ids)
@@ -67,11 +72,12 @@ def load_reference(case: str, run: str = "full") -> Reference:
     edge_mask = torch.zeros(n, n, dtype=torch.bool)
     edge_index = t[f"{p}edge_index"].long()
     edge_mask[edge_index[0], edge_index[1]] = True
-    name = "graph.json" if run == "full" else "graph_topk.json"
+    name = {"full": "graph.json", "topk": "graph_topk.json", "custom": "graph_custom.json"}[run]
     return Reference(
         case=case, folder=folder, meta=meta, run=meta[run], tokens=t["tokens"],
         active_features=t[f"{p}active_features"], activations=t[f"{p}activations"], selected=selected,
         logit_ids=logit_ids, logit_probs=t[f"{p}logit_probs"], adjacency=dense, node_mask=t[f"{p}node_mask"],
         edge_mask=edge_mask, cumulative_scores=t[f"{p}cumulative_scores"],
         graph_json=json.loads((folder / name).read_text(encoding="utf-8")),
+        custom_vecs=t.get("custom_vecs"),
     )

@@ -14,7 +14,7 @@ from functools import cache
 import pytest
 import torch
 import transformers as tf
-from circuit_tracer_fixtures import CASES, RUNS, Reference, load_reference
+from circuit_tracer_fixtures import CASES, CUSTOM_CASES, RUNS, Reference, load_reference
 
 import sparse_clt_hf
 from sparse_clt_hf.attribution.graph import AttributionGraph
@@ -43,6 +43,9 @@ def _model(case: str, attn_implementation: str | None = "eager") -> torch.nn.Mod
 def _ours(case: str, run: str) -> tuple[AttributionGraph, Reference]:
     ref = load_reference(case, run)
     settings = {k: ref.run[k] for k in ("max_n_logits", "desired_logit_prob", "max_feature_nodes", "batch_size")}
+    if run == "custom":
+        settings["targets"] = [sparse_clt_hf.CustomTarget(label, prob, vec)
+                               for label, prob, vec in zip(ref.run["labels"], ref.run["probs"], ref.custom_vecs)]
     graph = attribute(_model(case), str(ref.transcoder_dir), ref.tokens.tolist(), **settings)
     return graph, ref
 
@@ -77,9 +80,12 @@ def test_same_features_activations_and_targets(case: str) -> None:
     torch.testing.assert_close(graph.logit_probs.float(), ref.logit_probs, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_same_adjacency(case: str) -> None:
-    graph, ref = _ours(case, "full")
+FULL_AND_CUSTOM = [(c, "full") for c in CASES] + [(c, "custom") for c in CUSTOM_CASES]
+
+
+@pytest.mark.parametrize("case,run", FULL_AND_CUSTOM)
+def test_same_adjacency(case: str, run: str) -> None:
+    graph, ref = _ours(case, run)
     dense = graph.to_dense().float()
     assert dense.shape == ref.adjacency.shape
     scale = ref.adjacency.abs().max().item()
@@ -92,9 +98,9 @@ def test_same_adjacency(case: str) -> None:
     assert torch.equal(dense != 0, ref.adjacency != 0) or err.max().item() <= RTOL * scale
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_same_pruning_and_scores(case: str) -> None:
-    graph, ref = _ours(case, "full")
+@pytest.mark.parametrize("case,run", FULL_AND_CUSTOM)
+def test_same_pruning_and_scores(case: str, run: str) -> None:
+    graph, ref = _ours(case, run)
     pruned = graph.prune(ref.meta["node_threshold"], ref.meta["edge_threshold"])
     assert pruned.node_mask is not None and pruned.edge_mask is not None
     assert torch.nonzero(pruned.node_mask).flatten().tolist() == torch.nonzero(ref.node_mask).flatten().tolist()
@@ -107,8 +113,7 @@ def test_same_pruning_and_scores(case: str) -> None:
     assert completeness == pytest.approx(ref.run["completeness_score"], rel=1e-4)
 
 
-@pytest.mark.parametrize("run", RUNS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case,run", [(c, r) for c in CASES for r in RUNS] + [(c, "custom") for c in CUSTOM_CASES])
 def test_same_graph_json(case: str, run: str) -> None:
     graph, ref = _ours(case, run)
     got = graph_to_json_dict(graph, slug=case, scan=ref.meta["scan"])
@@ -172,3 +177,14 @@ def test_token_strings_and_logit_labels_as_circuit_tracer_decodes_them(case: str
     assert got["metadata"]["prompt_tokens"] == ref.graph_json["metadata"]["prompt_tokens"]
     clerps = [(nd["node_id"], nd["clerp"]) for nd in got["nodes"] if nd["feature_type"] == "logit"]
     assert clerps == [(nd["node_id"], nd["clerp"]) for nd in ref.graph_json["nodes"] if nd["feature_type"] == "logit"]
+
+
+@pytest.mark.parametrize("case", CUSTOM_CASES)
+def test_custom_targets_same_ids_weights_and_labels(case: str) -> None:
+    """circuit-tracer's CustomTarget: virtual ids after the vocabulary, the weights as given, the labels."""
+    graph, ref = _ours(case, "custom")
+    assert graph.logit_ids.tolist() == ref.logit_ids.tolist()
+    assert min(ref.logit_ids.tolist()) >= _model(case).config.vocab_size
+    torch.testing.assert_close(graph.logit_probs.float(), ref.logit_probs)
+    assert graph.logit_strings == ref.run["logit_strings"] == ref.run["labels"]
+    assert graph.features.tolist() == ref.active_features.tolist()
