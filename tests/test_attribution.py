@@ -134,10 +134,10 @@ class Replay:
             self.model(input_ids=tokens[None].expand(batch, -1), use_cache=False)
 
 
-def reference_rows(model, tc, tokens, graph, target_vectors=None):
+def reference_rows(model, tc, tokens, graph, target_vectors=None, zero=1):
     """Dense direct effects [targets, sources] of the frozen model by replay; target rows as graph.row_nodes.
     ``target_vectors`` [K, d]: the logit targets' directions (default: the unembedding rows of
-    graph.logit_ids less the mean row)."""
+    graph.logit_ids less the mean row). ``zero``: leading positions without features or errors."""
     rep = Replay(model, tc)
     rep.install()
     rep.run(tokens)
@@ -153,7 +153,7 @@ def reference_rows(model, tc, tokens, graph, target_vectors=None):
         if tc.config.input_transform == "rmsnorm":  # (conftest's textbook covers layernorm itself)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tc.config.input_norm_eps)
         a = textbook_dense(tc, x, layer)
-        a[0] = 0
+        a[:zero] = 0
         acts[layer] = a
         enc = tc.encoder(layer)
         for j in range(enc.W_dec.shape[1]):
@@ -169,7 +169,7 @@ def reference_rows(model, tc, tokens, graph, target_vectors=None):
     for layer in range(L):
         for pos in range(T):
             dl = torch.zeros(L, T, d, dtype=torch.float64)
-            if pos > 0:
+            if pos >= zero:
                 dl[layer, pos] = rep.mlp_out[layer][0] [pos] - recon[layer, pos]
             deltas.append((dl, torch.zeros(T, d, dtype=torch.float64)))
     for pos in range(T):

@@ -1,6 +1,7 @@
 """Custom attribution targets (circuit-tracer's CustomTarget): directions instead of token logits, against the
 float64 replay of the frozen model (tests/test_attribution.py) and by linearity against token targets; bad
-targets refused before any forward pass."""
+targets refused before any forward pass. Also the leading positions without features (zero_positions; Gemma 3
+instruction-tuned models: circuit-tracer's 4-token chat prefix)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,48 @@ def test_bad_custom_targets_are_refused_before_any_forward(targets, match, monke
     monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("forward ran"))
     with pytest.raises(ValueError, match=match):
         attribute(model, tc, PROMPT, targets=targets)
+
+
+def test_zero_positions_equal_the_frozen_model_replay():
+    """zero_positions=3: no features and no error at positions 0-2, the rest as the replay computes it."""
+    model = tiny_model("llama")
+    kw = dict(activation="relu", decoders=True, seed=3)
+    tc = random_transcoder(**kw)
+    graph = attribute(model, tc, PROMPT, batch_size=32, zero_positions=3)
+    assert graph.features[:, 1].min() >= 3 and graph.meta["zero_positions"] == 3
+    ref, acts = reference_rows(tiny_model("llama").double(), random_transcoder(**kw).double(), PROMPT, graph, zero=3)
+    want = [[layer, p, f] for layer in tc.layers for p, f in torch.nonzero(acts[layer]).tolist()]
+    assert graph.features.tolist() == want
+    got = graph.adjacency[:, : graph.layout.logit_start].double()
+    assert (got - ref).abs().max() <= 2e-4 * ref.abs().max()
+    for layer in range(graph.layout.n_layers):
+        for pos in range(3):
+            assert not graph.adjacency[:, graph.layout.error_node(layer, pos)].any()
+    with pytest.raises(ValueError, match=r"zero_positions must be an integer in \[0, 8\)"):
+        attribute(model, tc, PROMPT, zero_positions=8)
+
+
+def _gemma3_it():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=2400, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                           max_position_embeddings=64)
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.config._name_or_path = "google/gemma-3-1b-it"
+    return model
+
+
+def test_gemma3_it_prompts_skip_the_chat_prefix_as_circuit_tracer_does(monkeypatch):
+    model = _gemma3_it()
+    tc = random_transcoder(decoders=True, seed=3, layers=(0, 1, 2))
+    tc.config.model_name = None
+    prefix = [2, 105, 2364, 107]
+    graph = attribute(model, tc, prefix + [17, 5, 99, 43], batch_size=32)
+    assert graph.meta["zero_positions"] == 4 and len(graph.features) and graph.features[:, 1].min() >= 4
+    ones = attribute(model, tc, prefix + [17, 5, 99, 43], batch_size=32, zero_positions=1)
+    assert ones.features[:, 1].min() < 4  # the prefix's own features, when asked for
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("forward ran"))
+    with pytest.raises(ValueError, match="must start with its chat prefix"):
+        attribute(model, tc, [2, 17, 5, 99, 43], batch_size=32)

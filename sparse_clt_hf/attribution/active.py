@@ -103,10 +103,13 @@ class ActiveFeatures:
 
 
 def find_active_features(
-    rep: LocalReplacement, tc: CrossLayerTranscoder, device: torch.device, rows_from: RowSource | None = None
+    rep: LocalReplacement, tc: CrossLayerTranscoder, device: torch.device, rows_from: RowSource | None = None,
+    zero_positions: int = 1,
 ) -> ActiveFeatures:
-    """Features active at positions >= 1 of the pass ``rep`` just recorded (batch row 0), with their vectors;
-    decoder rows from the transcoder, or read for the active features only from ``rows_from``."""
+    """Features active at positions >= ``zero_positions`` of the pass ``rep`` just recorded (batch row 0), with
+    their vectors; decoder rows from the transcoder, or read for the active features only from ``rows_from``.
+    The first ``zero_positions`` positions (the BOS / attention sink; Gemma-3-it's chat prefix) have no
+    features and zero error vectors, as in circuit-tracer."""
     n_layers = rep.n_layers
     emb = rep.embed[0].detach().to(device).float()
     T, d = emb.shape
@@ -121,7 +124,7 @@ def find_active_features(
         if not (torch.isfinite(x).all() and torch.isfinite(z).all()):
             raise ValueError(f"layer {layer}: the transcoder's input or pre-activations are not finite on this prompt")
         a = tc.activate(z, layer)
-        a[0] = 0  # position 0 (BOS / attention sink) has no features, as in circuit-tracer
+        a[:zero_positions] = 0  # position 0 (BOS / attention sink) has no features, as in circuit-tracer
         pos, feat = torch.nonzero(a, as_tuple=True)
         act = a[pos, feat]
         enc = tc.encoder(layer)
@@ -155,7 +158,7 @@ def find_active_features(
         if b is not None and covered[layer]:
             recon[layer] += b.float()
     errors = torch.stack([rep.outputs[t][0].detach().to(device).float() for t in range(n_layers)]) - recon
-    errors[:, 0] = 0  # position 0: zero error vectors (its error nodes stay, without edges)
+    errors[:, :zero_positions] = 0  # zero error vectors there (their error nodes stay, without edges)
     if not torch.isfinite(errors).all():
         raise ValueError("the MLP outputs or their reconstruction are not finite on this prompt")
     writers = {t: tuple(torch.cat([w[i] for w in ws]) for i in range(3)) for t, ws in dec.items()}

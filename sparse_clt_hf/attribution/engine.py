@@ -137,6 +137,29 @@ def _target_ids(targets: TargetsLike, tokenizer: Any, vocab: int) -> list[int] |
     return ids
 
 
+GEMMA3_IT_PREFIX = (2, 105, 2364, 107)  # <bos><start_of_turn>user\n in Gemma 3's vocabulary (circuit-tracer's)
+
+
+def _zero_positions(model: nn.Module, tokens: torch.Tensor, zero_positions: int | None) -> int:
+    """Leading positions without features or errors: ``zero_positions`` when given, else circuit-tracer's rule
+    (by the model's name): 4 for a Gemma 3 "-it" model, whose prompt must start with its chat prefix, else 1."""
+    n = int(tokens.numel())
+    if zero_positions is not None:
+        if isinstance(zero_positions, bool) or not isinstance(zero_positions, int) or not 0 <= zero_positions < n:
+            raise ValueError(f"zero_positions must be an integer in [0, {n}) for this {n}-token prompt, "
+                             f"got {zero_positions!r}")
+        return zero_positions
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    if "gemma-3" in name.lower() and name.endswith("-it"):
+        if tuple(tokens[:4].tolist()) != GEMMA3_IT_PREFIX:
+            raise ValueError(f"{name} is an instruction-tuned Gemma 3: as in circuit-tracer, its prompt must start "
+                             f"with its chat prefix <bos><start_of_turn>user\\n (ids {list(GEMMA3_IT_PREFIX)}), whose 4 "
+                             f"positions carry no features; got ids {tokens[:4].tolist()}. Use the chat template, or "
+                             "pass zero_positions=1 to attribute raw text")
+        return 4
+    return 1
+
+
 def _context_length(model: nn.Module) -> int | None:
     cfg = text_config(model)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -260,6 +283,7 @@ def attribute(
     max_memory: int | str | None = None,
     update_interval: int = 4,
     progress: bool | None = None,
+    zero_positions: int | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt``'s next-token logits in the transcoder's local replacement model.
 
@@ -270,6 +294,9 @@ def attribute(
     ``desired_logit_prob`` (at most ``max_n_logits``). ``max_feature_nodes``: attribute at most this many features,
     chosen greedily by influence. ``batch_size``: attributed nodes per backward pass (default: 64, halved while the estimate does not fit). ``max_memory``: a limit in
     bytes (or "8GB"), checked with an estimate before the work starts (default: the free memory).
+    ``zero_positions``: how many leading positions have no features and no error (default as circuit-tracer:
+    1, the BOS / attention sink; 4 for a Gemma 3 instruction-tuned model, whose prompts must then start with
+    its chat prefix ``<bos><start_of_turn>user\\n``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
@@ -283,6 +310,7 @@ def attribute(
         [targets] if isinstance(targets, CustomTarget) else None)
     custom = _custom_targets(listed, int(head.weight.shape[1])) if listed else None
     target_ids = None if custom is not None else _target_ids(targets, tokenizer, vocab)
+    zero = _zero_positions(model, tokens, zero_positions)
     if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool) or int(max_feature_nodes) < 1):
         raise ValueError(f"max_feature_nodes must be a positive integer or None, got {max_feature_nodes!r}")
     auto_batch = batch_size is None
@@ -306,7 +334,7 @@ def attribute(
         if not torch.isfinite(logits).all():
             raise ValueError("the model's logits are not finite on this prompt")
         work = rep.embed.device
-        feats = find_active_features(rep, tc, work, rows_from)
+        feats = find_active_features(rep, tc, work, rows_from, zero)
         probs = torch.softmax(logits, -1).to(work)
         if custom is not None:  # virtual ids after the vocabulary, as circuit-tracer numbers them
             ids = torch.arange(vocab, vocab + len(custom), dtype=torch.long)
@@ -409,6 +437,7 @@ def attribute(
             "max_n_logits": max_n_logits,
             "vocab_size": vocab,
             "custom_targets": custom is not None,
+            "zero_positions": zero,
             "versions": {p: _version(p) for p in ("sparse-clt-hf", "torch", "transformers")},
         },
     )
