@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 
 from sparse_clt_hf import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, attribute
-from sparse_clt_hf.bench_workloads import peak_rss_bytes, reset_peak_rss, rss_bytes
+from sparse_clt_hf.bench_workloads import mem_peak, mem_reset
 
 
 def tiny_clt(d: int, n_layers: int, width: int, seed: int = 0) -> CrossLayerTranscoder:
@@ -49,18 +49,13 @@ def main() -> int:
     tc = tiny_clt(64, 4, args.width).to(device)
     prompt = torch.randint(3, 256, (args.tokens,), generator=torch.Generator().manual_seed(1))
     prompt[0] = 2
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
+    base = mem_reset(device)
     t0 = time.perf_counter()
     graph = attribute(model, tc, prompt, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     t1 = time.perf_counter()
     pruned = graph.prune()
     t2 = time.perf_counter()
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()) - base
+    peak = mem_peak(device) - base
     n = graph.layout.n_nodes
     n_all = graph.meta["n_active_features"] + n - graph.layout.n_features
     report = {

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_clt_hf import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, attribute  # noqa: E402
 from sparse_clt_hf.attribution.engine import AttributionMemoryError  # noqa: E402
-from sparse_clt_hf.bench_workloads import GEMMA2_2B_CONFIG, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from sparse_clt_hf.bench_workloads import GEMMA2_2B_CONFIG, mem_peak, mem_reset  # noqa: E402
 from sparse_clt_hf.sites import resolve_site  # noqa: E402
 
 TINY_GEMMA2 = dict(GEMMA2_2B_CONFIG, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -142,13 +142,7 @@ def main() -> int:
 
     for n in lengths:
         prompt = longest[:n]
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        else:
-            reset_peak_rss()
-            base = rss_bytes()
+        base = mem_reset(device)
         t1 = time.perf_counter()
         nodes = args.max_feature_nodes
         while True:  # the rectangle is [attributed rows x all active features]: halve the rows until it fits
@@ -171,7 +165,7 @@ def main() -> int:
         t2 = time.perf_counter()
         pruned = graph.prune()
         t3 = time.perf_counter()
-        peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()) - base
+        peak = mem_peak(device) - base
         report["runs"].append({
             "tokens": n, "max_feature_nodes": nodes, "active_features": graph.meta["n_active_features"],
             "active_per_token_layer": round(graph.meta["n_active_features"] / (n * len(tc.layers)), 1),

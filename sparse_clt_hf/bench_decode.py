@@ -15,10 +15,10 @@ from .bench_workloads import (
     Settings,
     _generate,
     _inputs,
-    _mem_peak,
-    _mem_reset,
     encode_hidden_states,
     median,
+    mem_peak,
+    mem_reset,
     random_transcoder,
     timed,
 )
@@ -225,7 +225,7 @@ def _decode_memory(model: torch.nn.Module, tc: CrossLayerTranscoder, inputs: dic
     for name in ("plain", "clt"):
         att = attach_clt(model, tc, top_k=s.top_k) if name == "clt" else None
         gc.collect()
-        before = _mem_reset(device)
+        before = mem_reset(device)
         with torch.no_grad():
             _generate(model, inputs, new)
         if att is not None:
@@ -233,7 +233,7 @@ def _decode_memory(model: torch.nn.Module, tc: CrossLayerTranscoder, inputs: dic
             feature_bytes = feats.nbytes
             att.detach()
             del feats
-        peaks[name] = _mem_peak(device) - before
+        peaks[name] = mem_peak(device) - before
         del att
     return {"peak_plain_bytes": peaks["plain"], "peak_clt_bytes": peaks["clt"], "feature_bytes": feature_bytes,
             "peak_extra_bytes": peaks["clt"] - peaks["plain"]}

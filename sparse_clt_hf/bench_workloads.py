@@ -178,7 +178,7 @@ def encode_hidden_states(tc: CrossLayerTranscoder, hidden: tuple, layers: list[i
         tc.encode_sparse(x.reshape(-1, x.shape[-1]), layer, top_k)
 
 
-def _mem_reset(device: torch.device) -> int:
+def mem_reset(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -187,7 +187,7 @@ def _mem_reset(device: torch.device) -> int:
     return rss_bytes()
 
 
-def _mem_peak(device: torch.device) -> int:
+def mem_peak(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
@@ -277,14 +277,14 @@ def prefill_variants(model: torch.nn.Module, variants: tuple[str, ...], width: i
     for rep in range(reps):
         for variant in variants[rep % len(variants):] + variants[: rep % len(variants)]:
             gc.collect()
-            before = _mem_reset(device)
+            before = mem_reset(device)
             start = time.perf_counter()
             kept, enc = run(variant)
             _sync(device)
             seconds[variant].append(time.perf_counter() - start)
             encode[variant].append(enc)
             if variant not in out:
-                out[variant] = {"bytes_kept": kept, "peak_bytes": _mem_peak(device) - before}
+                out[variant] = {"bytes_kept": kept, "peak_bytes": mem_peak(device) - before}
     for variant in variants:
         out[variant].update(seconds=median(seconds[variant]), encode_seconds=median(encode[variant]))
     return out

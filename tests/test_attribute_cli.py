@@ -238,11 +238,8 @@ def test_demo_attribute_folder_must_exist(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
-    """The real engine on a tiny model and a random CLT with decoders: the command's files agree with each other
-    and with the graph the library returns for the same prompt."""
-    if not hasattr(sparse_clt_hf, "attribute"):
-        pytest.skip("the attribution engine (sparse_clt_hf.attribute) is not merged yet")
+def saved_model_and_clt(tmp_path):
+    """A tiny Llama with the char tokenizer in tmp_path/model, a random CLT with decoders in tmp_path/clt."""
     from conftest import random_transcoder
 
     model = tiny_model("llama")
@@ -251,6 +248,15 @@ def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
     tc = random_transcoder(d=32, layers=range(N_LAYERS), site="mlp_in", decoders=True)
     tc.config.model_name = None
     tc.save_pretrained(tmp_path / "clt")
+    return model, tc
+
+
+def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
+    """The real engine on a tiny model and a random CLT with decoders: the command's files agree with each other
+    and with the graph the library returns for the same prompt."""
+    if not hasattr(sparse_clt_hf, "attribute"):
+        pytest.skip("the attribution engine (sparse_clt_hf.attribute) is not merged yet")
+    model, tc = saved_model_and_clt(tmp_path)
     from sparse_clt_hf.labels import corpus_stats, save_stats
 
     stats = corpus_stats(model, char_tokenizer(), tc, ["hello world, the cat sat on the mat. " * 8] * 4, tokens=600,
@@ -309,14 +315,7 @@ def test_attribution_example(monkeypatch, fake_engine, tmp_path, capsys):
 def test_attribute_versus_explains_a_logit_difference(tmp_path, capsys):
     """--target a --versus b: one custom target, logit(a) - logit(b), labelled so, weight 1, with the virtual
     id after the vocabulary; its row is the library's logit_difference graph's."""
-    from conftest import random_transcoder
-
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
-    tc = random_transcoder(d=32, layers=range(N_LAYERS), site="mlp_in", decoders=True)
-    tc.config.model_name = None
-    tc.save_pretrained(tmp_path / "clt")
+    model, tc = saved_model_and_clt(tmp_path)
     rc = cli.main(["attribute", "--json", "--model", str(tmp_path / "model"), "--clt", str(tmp_path / "clt"),
                    "--prompt", "hello world", "--target", "a", "--versus", "b", "--device", "cpu", "--dtype", "float32",
                    "--save", str(tmp_path / "g.safetensors"), "--no-progress"])
