@@ -237,7 +237,6 @@ def test_demo_attribute_folder_must_exist(monkeypatch, capsys):
     assert "--attribute /nonexistent/folder: no such folder" in json.loads(capsys.readouterr().out)["error"]
 
 
-@pytest.mark.slow
 def saved_model_and_clt(tmp_path):
     """A tiny Llama with the char tokenizer in tmp_path/model, a random CLT with decoders in tmp_path/clt."""
     from conftest import random_transcoder
@@ -251,6 +250,7 @@ def saved_model_and_clt(tmp_path):
     return model, tc
 
 
+@pytest.mark.slow
 def test_attribute_end_to_end_with_the_engine(tmp_path, capsys):
     """The real engine on a tiny model and a random CLT with decoders: the command's files agree with each other
     and with the graph the library returns for the same prompt."""
