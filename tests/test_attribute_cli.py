@@ -322,7 +322,7 @@ def test_attribute_versus_explains_a_logit_difference(tmp_path, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     vocab = model.config.vocab_size
-    assert report["targets"] == [{"token": "a - b", "id": vocab, "probability": 1.0}]
+    assert report["targets"] == [{"token": "'a' - 'b'", "id": vocab, "probability": 1.0}]
     saved = AttributionGraph.load(tmp_path / "g.safetensors")
     want = sparse_clt_hf.attribute(model, str(tmp_path / "clt"), "hello world", tokenizer=char_tokenizer(),
                                    targets=[sparse_clt_hf.logit_difference(model, "a", "b", tokenizer=char_tokenizer())])

@@ -84,7 +84,8 @@ def logit_difference(model: nn.Module, a: int | str, b: int | str, *, tokenizer:
     vocab = int(head.weight.shape[0])
     ia, ib = _target_ids([a, b], tokenizer, vocab)
     W_u = unembedding_matrix(model)
-    return CustomTarget(f"{a} - {b}", float(prob), (W_u[ia] - W_u[ib]).detach().float().cpu())
+    label = " - ".join(repr(t) if isinstance(t, str) else str(t) for t in (a, b))  # "' Paris' - ' London'"
+    return CustomTarget(label, float(prob), (W_u[ia] - W_u[ib]).detach().float().cpu())
 
 
 def _custom_targets(items: list, d_model: int) -> list[CustomTarget] | None:
