@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparse_clt_hf import CrossLayerTranscoder, LayerEncoder, TranscoderConfig, attribute  # noqa: E402
 from sparse_clt_hf.attribution.engine import AttributionMemoryError  # noqa: E402
 from sparse_clt_hf.bench_workloads import GEMMA2_2B_CONFIG, mem_peak, mem_reset  # noqa: E402
+from sparse_clt_hf.capture.sitehooks import hook_sites  # noqa: E402
 from sparse_clt_hf.sites import resolve_site  # noqa: E402
 
 TINY_GEMMA2 = dict(GEMMA2_2B_CONFIG, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -53,20 +54,10 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype) -> torch
 
 @torch.no_grad()
 def site_inputs(model: torch.nn.Module, prompt: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Each layer's ``resid_mid`` [T, d] on the prompt (plain hooks)."""
+    """Each layer's ``resid_mid`` [T, d] on the prompt (the package's site hooks, read only)."""
     seen: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        point = resolve_site(model, "resid_mid", layer)
-
-        def grab(mod, args, kwargs=None, out=None, _layer=layer, _which=point.which):
-            x = args[0] if _which == "input" else (out[0] if isinstance(out, tuple) else out)
-            seen[_layer] = x[0].detach()
-
-        if point.which == "input":
-            handles.append(point.module.register_forward_pre_hook(lambda m, a, _g=grab: _g(m, a)))
-        else:
-            handles.append(point.module.register_forward_hook(lambda m, a, o, _g=grab: _g(m, a, out=o)))
+    handles = hook_sites({layer: resolve_site(model, "resid_mid", layer) for layer in layers},
+                         lambda layer, hidden: seen.__setitem__(layer, hidden[0].detach()))
     try:
         model(input_ids=prompt[None].to(model.device), use_cache=False)
     finally:

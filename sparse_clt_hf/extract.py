@@ -54,12 +54,13 @@ from .extract_folder import (
     check_shard_record,
     data_fingerprint,
     folder_lock,
+    model_fingerprint,
     read_json_file,
     read_manifest,
     sha256_file,
     shard_path,
     shard_record_path,
-    tensors_fingerprint,
+    transcoder_fingerprint,
     write_json_atomic,
 )
 from .io.folders import check_writable_folder
@@ -306,9 +307,8 @@ def _extract_checked(model, tokenizer, transcoder, source: DataSource, out: Path
     manifest: dict[str, Any] = {}
     held = ExitStack()
     try:
-        inputs["transcoder"] = tensors_fingerprint(
-            (f"{layer}.{name}", t) for layer in clt.layers for name, t in clt.transcoder.encoder(layer).state_dict().items())
-        inputs["model"] = tensors_fingerprint(model.named_parameters())
+        inputs["transcoder"] = transcoder_fingerprint(clt.transcoder)
+        inputs["model"] = model_fingerprint(model)
         previous = _check_out(out, check_args)
         _check_inputs(out, previous, inputs)
         held.enter_context(folder_lock(out, state.is_main_process))

@@ -227,6 +227,17 @@ def tensors_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], samples: in
     return h.hexdigest()
 
 
+def transcoder_fingerprint(transcoder: Any) -> str:
+    """:func:`tensors_fingerprint` of a (settled) transcoder's encoders, as an extraction's manifest records it."""
+    return tensors_fingerprint((f"{layer}.{name}", t) for layer in transcoder.layers
+                               for name, t in transcoder.encoder(layer).state_dict().items())
+
+
+def model_fingerprint(model: Any) -> str:
+    """:func:`tensors_fingerprint` of a model's parameters, as an extraction's manifest records it."""
+    return tensors_fingerprint(model.named_parameters())
+
+
 def _same(a: Any, b: Any) -> bool:
     """Fingerprints agree. A file agrees on size and sampled hash, and, when the hash did not cover
     all of it, on mtime too (a touched small file whose bytes are unchanged still agrees)."""

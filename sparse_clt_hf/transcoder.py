@@ -187,7 +187,7 @@ class CrossLayerTranscoder(nn.Module):
         self._check_input(x, layer)
         enc = self.encoder(layer)
         xp = self.preprocess(x, layer)
-        fp32 = xp.dtype in (torch.float16, torch.bfloat16) and tuning_for(xp.device).fp32_accumulate
+        fp32 = _fp32_accumulate(xp)
         cols = features.to(device=enc.W_enc.device, dtype=torch.long)
         z = _pre_activations(xp, enc.W_enc[cols], enc.b_enc[cols], fp32)
         if self.activation.takes_k:
@@ -215,7 +215,7 @@ class CrossLayerTranscoder(nn.Module):
         m = enc.n_features
         act = self.activation
         keep = act.candidates(k, act_k)
-        fp32 = xp.dtype in (torch.float16, torch.bfloat16) and tuning_for(xp.device).fp32_accumulate
+        fp32 = _fp32_accumulate(xp)
         cand_z: list[torch.Tensor] = []
         cand_i: list[torch.Tensor] = []
         count: torch.Tensor | int = 0
@@ -381,6 +381,11 @@ def block_shape(
         cols = min(cols, tune.max_cols)
     return rows, cols
 
+
+
+def _fp32_accumulate(x: torch.Tensor) -> bool:
+    """Whether half-precision ``x`` gets fp32 pre-activations on its device (see :class:`EncodeTuning`)."""
+    return x.dtype in (torch.float16, torch.bfloat16) and tuning_for(x.device).fp32_accumulate
 
 
 def _pre_activations(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:

@@ -74,14 +74,19 @@ class CustomTarget(NamedTuple):
     vec: torch.Tensor
 
 
+def _head_shape(model: nn.Module) -> tuple[int, int]:
+    """(vocabulary size, hidden size) of the model's LM head; raises when it has none (attribution explains logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head): attribution explains logits")
+    return int(head.weight.shape[0]), int(head.weight.shape[1])
+
+
 def logit_difference(model: nn.Module, a: int | str, b: int | str, *, tokenizer: Any = None,
                      prob: float = 1.0) -> CustomTarget:
     """The :class:`CustomTarget` of ``logit(a) - logit(b)`` (token ids, or one-token strings with ``tokenizer``):
     why the model prefers ``a`` to ``b``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head)")
-    vocab = int(head.weight.shape[0])
+    vocab, _ = _head_shape(model)
     ia, ib = _target_ids([a, b], tokenizer, vocab)
     W_u = unembedding_matrix(model)
     label = " - ".join(repr(t) if isinstance(t, str) else str(t) for t in (a, b))  # "' Paris' - ' London'"
@@ -299,17 +304,13 @@ def attribute(
     1, the BOS / attention sink; 4 for a Gemma 3 instruction-tuned model, whose prompts must then start with
     its chat prefix ``<bos><start_of_turn>user\\n``).
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head): attribution explains logits")
-    vocab = int(head.weight.shape[0])
+    vocab, d_model = _head_shape(model)
     tokens = _tokens(prompt, tokenizer, vocab)
     context = _context_length(model)
     if context is not None and len(tokens) > context:
         raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {context} positions")
-    listed = list(targets) if isinstance(targets, (list, tuple)) and not isinstance(targets, CustomTarget) else (
-        [targets] if isinstance(targets, CustomTarget) else None)
-    custom = _custom_targets(listed, int(head.weight.shape[1])) if listed else None
+    listed = [targets] if isinstance(targets, CustomTarget) else list(targets) if isinstance(targets, (list, tuple)) else None
+    custom = _custom_targets(listed, d_model) if listed else None
     target_ids = None if custom is not None else _target_ids(targets, tokenizer, vocab)
     zero = _zero_positions(model, tokens, zero_positions)
     if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool) or int(max_feature_nodes) < 1):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import SparseCLTError
-from .site import DashboardError
+from .site import DashboardError, check_out_dir
 
 EXACT_FILE = "exact_frequency.json"
 FORMAT = "sparse-clt-hf-exact-frequency"
@@ -123,7 +123,7 @@ def exact_frequency(
     from ..attach import settle_transcoder
     from ..capture.sitehooks import hook_sites
     from ..extract import forward_kwargs, input_device, shard_batches
-    from ..extract_folder import tensors_fingerprint
+    from ..extract_folder import model_fingerprint, transcoder_fingerprint
     from ..extracted import iter_extracted
     from ..loading import load_for_model
 
@@ -131,20 +131,16 @@ def exact_frequency(
     manifest, wanted = check_features(directory, features)
     layers, widths = manifest["layers"], manifest["n_features"]
     if save:
-        from ..io.folders import check_writable_folder
-
-        check_writable_folder(directory, "the extraction folder", DashboardError)
+        check_out_dir(directory, "the extraction folder")
     if not hasattr(transcoder, "encoder"):
         transcoder = load_for_model(transcoder, model)
     settled, points = settle_transcoder(model, transcoder, layers)  # as the extraction ran it
     inputs = manifest.get("inputs") or {}
     if inputs.get("transcoder") is not None:
-        mine = tensors_fingerprint((f"{layer}.{name}", t) for layer in settled.layers
-                                   for name, t in settled.encoder(layer).state_dict().items())
-        if mine != inputs["transcoder"]:
+        if transcoder_fingerprint(settled) != inputs["transcoder"]:
             raise DashboardError(f"this transcoder is not the one {directory} was extracted with "
                                  f"({manifest.get('transcoder')!r}; its encoders, in the model's dtype, differ)")
-    if inputs.get("model") is not None and tensors_fingerprint(model.named_parameters()) != inputs["model"]:
+    if inputs.get("model") is not None and model_fingerprint(model) != inputs["model"]:
         raise DashboardError(f"this model is not the one {directory} was extracted with ({manifest.get('model')!r}, "
                              "in the same dtype): its parameters differ")
 
